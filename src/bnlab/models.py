@@ -1,0 +1,204 @@
+"""The notebook's deliberately deep ConvNet, with and without batch norm.
+
+For depth d = 1..19: a 3x3 conv with 4*d channels, stride 2 when d % 3 == 0, TensorFlow 'same'
+padding, then ReLU. Then flatten, dense 100 + ReLU, dense 10 (logits). Spatial size on MNIST:
+28 -> 14 (d=3) -> 7 (d=6) -> 4 (d=9) -> 2 (d=12) -> 1 (d=15) -> 1 (d=18); 76 features reach the dense.
+
+With batch norm every conv and the hidden dense lose their bias (BN's beta replaces it) and become
+conv -> BN -> ReLU. The logits get no BN.
+
+``bn`` picks the normalization:
+    "none"   no batch norm (the notebook's first network);
+    "torch"  ``nn.BatchNorm1d/2d`` with TensorFlow's semantics: momentum 0.01 (= decay 0.99), eps 1e-3
+             (the notebook's ``tf.layers.batch_normalization`` network);
+    "manual" bnlab's own ``BatchNorm1d/2d.tf_style``: decay 0.99, eps 1e-3, biased population variance
+             (the notebook's ``tf.nn.moments`` + ``tf.nn.batch_normalization`` network).
+
+Initialisation follows the notebook. ``tf.layers`` uses Glorot-uniform kernels and zero biases (BN:
+gamma 1, beta 0). The low-level network draws conv kernels from a normal with std 0.05 truncated at
+two std, and its dense layers still come from ``tf.layers`` (Glorot uniform). ``init="auto"`` picks
+the notebook's choice for the mode. Kernels are drawn from ``generator`` in layer order, so two
+models built with the same seed share every kernel whatever their normalization.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bnlab import norm
+from bnlab.errors import UsageError
+
+BN_MODES = ("none", "torch", "manual")
+INITS = ("auto", "glorot_uniform", "truncated_normal")
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.01),
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "gelu": nn.GELU,
+    "swish": nn.SiLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "identity": nn.Identity,
+}
+
+TF_MOMENTUM = 0.01  # TensorFlow's decay 0.99 in PyTorch's convention
+TF_EPS = 1e-3
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def make_norm(bn: str, num_features: int, dims: int) -> nn.Module:
+    """A BN layer for ``dims``-D input ((N, C) is 2) in the given mode."""
+    check_choice("bn", bn, BN_MODES[1:])
+    if bn == "torch":
+        layer = nn.BatchNorm1d if dims == 2 else nn.BatchNorm2d
+        return layer(num_features, eps=TF_EPS, momentum=TF_MOMENTUM)
+    layer = norm.BatchNorm1d if dims == 2 else norm.BatchNorm2d
+    return layer.tf_style(num_features, decay=1 - TF_MOMENTUM, eps=TF_EPS)
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'same': output = ceil(size / stride); an odd total puts the extra pad after."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with TensorFlow's 'same' padding, which can be asymmetric (bottom/right)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding=0, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
+        left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
+        if top == bottom and left == right:  # let the conv pad: no extra copy
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left))
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride)
+
+
+class SeedConvNet(nn.Module):
+    """The notebook's network; ``depth`` and ``activation`` are configurable for the benefits lab."""
+
+    def __init__(
+        self,
+        bn: str = "none",
+        *,
+        depth: int = 19,
+        width: int = 4,
+        hidden: int = 100,
+        num_classes: int = 10,
+        activation: str = "relu",
+        init: str = "auto",
+        image_size: int = 28,
+        in_channels: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        check_choice("bn", bn, BN_MODES)
+        check_choice("activation", activation, list(ACTIVATIONS))
+        check_choice("init", init, INITS)
+        if depth < 1 or width < 1 or hidden < 1:
+            raise UsageError(f"depth, width and hidden must be positive; got {depth}, {width}, {hidden}")
+        self.hparams: dict[str, Any] = dict(
+            bn=bn, depth=depth, width=width, hidden=hidden, num_classes=num_classes,
+            activation=activation, init=init, image_size=image_size, in_channels=in_channels,
+        )  # fmt: skip
+        use_bn = bn != "none"
+        blocks, channels, size = [], in_channels, image_size
+        for d in range(1, depth + 1):
+            stride = 2 if d % 3 == 0 else 1
+            block = nn.Sequential()
+            block.add_module("conv", SameConv2d(channels, width * d, 3, stride, bias=not use_bn))
+            if use_bn:
+                block.add_module("norm", make_norm(bn, width * d, dims=4))
+            block.add_module("act", ACTIVATIONS[activation]())
+            blocks.append(block)
+            channels, size = width * d, math.ceil(size / stride)
+        self.blocks = nn.Sequential(*blocks)
+        self.hidden = nn.Sequential()
+        self.hidden.add_module("linear", nn.Linear(channels * size * size, hidden, bias=not use_bn))
+        if use_bn:
+            self.hidden.add_module("norm", make_norm(bn, hidden, dims=2))
+        self.hidden.add_module("act", ACTIVATIONS[activation]())
+        self.logits = nn.Linear(hidden, num_classes)
+        self.reset_parameters(generator)
+
+    @property
+    def conv_init(self) -> str:
+        init = self.hparams["init"]
+        if init == "auto":
+            return "truncated_normal" if self.hparams["bn"] == "manual" else "glorot_uniform"
+        return init
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Re-initialise as the notebook does, drawing kernels from ``generator`` in layer order."""
+        for block in self.blocks:
+            if self.conv_init == "truncated_normal":
+                nn.init.trunc_normal_(block.conv.weight, std=0.05, a=-0.1, b=0.1, generator=generator)
+            else:
+                nn.init.xavier_uniform_(block.conv.weight, generator=generator)
+        for linear in (self.hidden.linear, self.logits):
+            nn.init.xavier_uniform_(linear.weight, generator=generator)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif hasattr(module, "reset_running_stats"):  # torch's and bnlab's BN alike
+                module.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (N, 1, 28, 28) -> (N, 76, 1, 1) -> (N, 76) -> (N, 100) -> (N, 10) logits
+        return self.logits(self.hidden(self.blocks(x).flatten(1)))
+
+
+def build_model(bn: str = "none", *, seed: int = 0, **hparams: Any) -> SeedConvNet:
+    """The seed network, initialised from its own generator seeded with ``seed``."""
+    return SeedConvNet(bn, generator=torch.Generator().manual_seed(seed), **hparams)
+
+
+def summary(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> str:
+    """A table of the model's layers: name, type, output shape (N = batch), parameters."""
+    rows: list[tuple[str, str, str, int]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if next(module.children(), None) is not None:
+            continue  # containers: their leaves are listed
+
+        def record(mod: nn.Module, _inputs: Any, output: Tensor, name: str = name) -> None:
+            shape = "(N, " + ", ".join(str(s) for s in output.shape[1:]) + ")"
+            params = sum(p.numel() for p in mod.parameters(recurse=False))
+            rows.append((name, type(mod).__name__, shape, params))
+
+        hooks.append(module.register_forward_hook(record))
+    param = next(model.parameters(), None)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(input_shape, device=param.device if param is not None else None))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    widths = [max(len(str(r[i])) for r in rows + [("layer", "type", "output", "params")]) for i in range(4)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths[:3]) + f"  {{:>{widths[3]}}}"
+    out = [line.format("layer", "type", "output", "params"), "-" * (sum(widths) + 6)]
+    out += [line.format(*r) for r in rows]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    buffers = sum(b.numel() for b in model.buffers())
+    out.append("-" * (sum(widths) + 6))
+    out.append(f"trainable parameters: {trainable:,}   buffer values: {buffers:,}")
+    return "\n".join(out)
