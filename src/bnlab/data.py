@@ -120,10 +120,14 @@ def _download(spec: IdxFile, directory: Path, mirrors: Sequence[str], timeout: f
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
                 shutil.copyfileobj(resp, out)
-            verify(tmp, spec)
+            if _md5(tmp) != spec.gz_md5:
+                failures.append(f"{url}: checksum mismatch")
+                continue
             tmp.replace(target)  # atomic: the cache never holds a half-written file
             return target
-        except (OSError, urllib.error.URLError, DataError) as err:
+        except urllib.error.HTTPError as err:
+            failures.append(f"{url}: HTTP {err.code} {err.reason}")
+        except OSError as err:  # URLError and timeouts are OSErrors too
             failures.append(f"{url}: {getattr(err, 'reason', err)}")
         finally:
             tmp.unlink(missing_ok=True)

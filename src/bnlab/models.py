@@ -113,9 +113,16 @@ class SeedConvNet(nn.Module):
         if depth < 1 or width < 1 or hidden < 1:
             raise UsageError(f"depth, width and hidden must be positive; got {depth}, {width}, {hidden}")
         self.hparams: dict[str, Any] = dict(
-            bn=bn, depth=depth, width=width, hidden=hidden, num_classes=num_classes,
-            activation=activation, init=init, image_size=image_size, in_channels=in_channels,
-        )  # fmt: skip
+            bn=bn,
+            depth=depth,
+            width=width,
+            hidden=hidden,
+            num_classes=num_classes,
+            activation=activation,
+            init=init,
+            image_size=image_size,
+            in_channels=in_channels,
+        )
         use_bn = bn != "none"
         blocks, channels, size = [], in_channels, image_size
         for d in range(1, depth + 1):
@@ -193,7 +200,7 @@ def summary(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> 
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    widths = [max(len(str(r[i])) for r in rows + [("layer", "type", "output", "params")]) for i in range(4)]
+    widths = [max(len(str(r[i])) for r in [*rows, ("layer", "type", "output", "params")]) for i in range(4)]
     line = "  ".join(f"{{:<{w}}}" for w in widths[:3]) + f"  {{:>{widths[3]}}}"
     out = [line.format("layer", "type", "output", "params"), "-" * (sum(widths) + 6)]
     out += [line.format(*r) for r in rows]

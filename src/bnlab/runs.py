@@ -62,7 +62,7 @@ class MetricsLog:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -121,7 +121,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a bnlab checkpoint (no format marker {CHECKPOINT_FORMAT!r}).")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint version {payload.get('version')}; this bnlab reads version "
-            f"{CHECKPOINT_VERSION}."
+            f"{path} has checkpoint version {payload.get('version')}; this bnlab reads version {CHECKPOINT_VERSION}."
         )
     return payload

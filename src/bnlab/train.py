@@ -159,7 +159,7 @@ class _Reporter:
     def __init__(self, total: int, log: Callable[[str], None], progress: bool | None, metrics: runs.MetricsLog | None):
         self.log, self.metrics = log, metrics
         enabled = sys.stderr.isatty() if progress is None else progress
-        self.bar = tqdm(total=total, unit="batch", disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit="batch", disable=not enabled, file=sys.stderr, leave=False)
 
     def line(self, text: str) -> None:
         with tqdm.external_write_mode(file=sys.stderr):
@@ -199,7 +199,8 @@ def train(
     run_path = Path(run_dir) if run_dir is not None else None
     result = RunResult(config, "running", 0, device=str(device), run_dir=run_path, model=model)
     if run_path is not None:
-        runs.write_json(run_path / runs.CONFIG, {"config": config.to_dict(), "hparams": model.hparams, "device": str(device)})
+        header = {"config": config.to_dict(), "hparams": model.hparams, "device": str(device)}
+        runs.write_json(run_path / runs.CONFIG, header)
         runs.write_json(run_path / runs.SUMMARY, result.summary())
     reporter = _Reporter(config.batches, log, progress, runs.MetricsLog(run_path / runs.METRICS) if run_path else None)
 
@@ -219,8 +220,16 @@ def train(
         checked = upto
 
     def log_eval(batch: int, split_name: str, loss: float, accuracy: float, label: str) -> None:
-        reporter.record({"event": "eval", "batch": batch, "split": split_name, "loss": loss, "accuracy": accuracy,
-                         "seconds": round(time.perf_counter() - start, 3)})  # fmt: skip
+        reporter.record(
+            {
+                "event": "eval",
+                "batch": batch,
+                "split": split_name,
+                "loss": loss,
+                "accuracy": accuracy,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
         result.history.append({"batch": batch, "split": split_name, "loss": loss, "accuracy": accuracy})
         reporter.line(f"Batch: {batch:>2}: {label} loss: {loss:>3.5f}, {label} accuracy: {accuracy:>3.5f}")
 

@@ -1,0 +1,37 @@
+"""bnlab: batch normalization you can run, see, trust and build on.
+
+from bnlab import BatchNorm2d, build_model, train, TrainConfig
+"""
+
+from bnlab.data import MNIST, Batches, Split, load_mnist
+from bnlab.errors import BnlabError, CheckpointError, DataError, TrainingDiverged, UsageError
+from bnlab.models import SeedConvNet, build_model, summary
+from bnlab.norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from bnlab.train import RunResult, TrainConfig, evaluate, load_model, one_at_a_time_accuracy, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MNIST",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "Batches",
+    "BnlabError",
+    "CheckpointError",
+    "DataError",
+    "RunResult",
+    "SeedConvNet",
+    "Split",
+    "TrainConfig",
+    "TrainingDiverged",
+    "UsageError",
+    "batch_norm",
+    "build_model",
+    "evaluate",
+    "load_mnist",
+    "load_model",
+    "one_at_a_time_accuracy",
+    "summary",
+    "train",
+]

@@ -1,0 +1,221 @@
+"""The ``bnlab`` command.
+
+Exit status: 0 success, 1 a problem bnlab explains (missing data, a diverged run, ...), 2 bad usage,
+130 interrupted. Errors are one line on stderr; results go to stdout (``--json`` for machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from bnlab import __version__
+from bnlab.errors import BnlabError, UsageError
+from bnlab.models import BN_MODES
+
+DATA_HELP = "folder holding the four MNIST files (default: $BNLAB_DATA_DIR, else download to ~/.cache/bnlab)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line and exit status 2, instead of argparse's usage dump."""
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _number(kind: type, minimum: float, inclusive: bool = True) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        too_small = value < minimum if inclusive else value <= minimum
+        if too_small or not math.isfinite(value):
+            bound = f">= {minimum}" if inclusive else f"> {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1)
+non_negative_int = _number(int, 0)
+positive_float = _number(float, 0.0, inclusive=False)
+
+
+def _emit(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where human-readable lines go: stdout, or stderr when stdout carries JSON."""
+    return (lambda line: print(line, file=sys.stderr)) if args.json else print
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bnlab.train import TrainConfig, train
+
+    config = TrainConfig(
+        bn=args.bn, batches=args.batches, batch_size=args.batch_size, lr=args.lr, loss=args.loss, seed=args.seed
+    )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs/train") / f"{args.bn}-seed{args.seed}-{stamp}"
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} is not empty; choose another --out (or remove that folder)")
+    emit = _emit(args)
+    result = train(config, run_dir=out, data_dir=args.data_dir, device=args.device, log=emit)
+    emit(f"Run written to {out} (wall time {result.wall_seconds:.1f} s)")
+    if args.json:
+        print(json.dumps(result.summary() | {"run_dir": str(out)}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from bnlab.data import load_mnist
+    from bnlab.train import evaluate, load_model, one_at_a_time_accuracy, resolve_device
+
+    device = resolve_device(args.device)
+    model, payload = load_model(args.checkpoint, device)
+    data = load_mnist(args.data_dir).to(device)
+    loss = payload["config"]["loss"]
+    val_loss, val_acc = evaluate(model, data.validation, loss)
+    test_loss, test_acc = evaluate(model, data.test, loss)
+    one = one_at_a_time_accuracy(model, data.test, args.samples) if args.samples else None
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "config": payload["config"],
+        "validation_loss": val_loss,
+        "validation_accuracy": val_acc,
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+        "one_at_a_time_samples": args.samples,
+        "one_at_a_time_accuracy": one,
+    }
+    emit = _emit(args)
+    cfg = payload["config"]
+    emit(f"Checkpoint {args.checkpoint}: bn={cfg['bn']}, seed {cfg['seed']}, {cfg['batches']} batches")
+    emit(f"Validation accuracy: {val_acc:.5f}")
+    emit(f"Test accuracy: {test_acc:.5f}")
+    if one is not None:
+        emit(f"Accuracy on {args.samples} samples (one at a time): {one}")
+        if one < test_acc - 0.2:
+            emit(
+                "Warning: one-at-a-time accuracy is far below test accuracy; population statistics "
+                "were probably not tracked or not used."
+            )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from bnlab.experiments import reproduce, reproduce_table
+
+    emit = _emit(args)
+    outcome = reproduce(
+        args.seeds, out_dir=args.out, data_dir=args.data_dir, device=args.device, reuse=not args.fresh, log=emit
+    )
+    emit("")
+    emit(reproduce_table(outcome))
+    emit("")
+    emit(f"Written to {outcome.out_dir}: table.md, results.csv, results.json, validation_accuracy.png")
+    if args.json:
+        print(json.dumps({"rows": outcome.rows(), "out_dir": str(outcome.out_dir)}, indent=2))
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from bnlab.models import build_model, summary
+
+    print(summary(build_model(args.bn, depth=args.depth, activation=args.activation)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bnlab", description="Batch normalization you can run, see and trust.")
+    parser.add_argument("--version", action="version", version=f"bnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", metavar="DIR", help=DATA_HELP)
+        p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda or cuda:N (default: auto)")
+        p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (logs go to stderr)")
+
+    p = sub.add_parser(
+        "train",
+        help="train the seed ConvNet once, as the notebook does",
+        description="Train the 20-layer ConvNet on MNIST with the notebook's procedure.",
+    )
+    p.add_argument(
+        "--bn",
+        choices=BN_MODES,
+        default="manual",
+        help="none; torch = nn.BatchNorm; manual = bnlab's own BN (default: manual)",
+    )
+    p.add_argument("--batches", type=positive_int, default=800, help="training batches (default: 800)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="examples per batch (default: 64)")
+    p.add_argument("--lr", type=positive_float, default=0.002, help="Adam learning rate (default: 0.002)")
+    p.add_argument(
+        "--loss",
+        choices=("sigmoid", "softmax"),
+        default="sigmoid",
+        help="sigmoid (the notebook's) or softmax cross-entropy (default: sigmoid)",
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for weights and batches (default: 0)")
+    p.add_argument("--out", metavar="DIR", help="run directory to create (default: runs/train/BN-seedS-TIME)")
+    common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "reproduce",
+        help="the notebook's experiment: no BN vs PyTorch BN vs bnlab BN",
+        description="Train the three networks at the notebook's settings and compare them with its published figures.",
+    )
+    p.add_argument("--seeds", type=positive_int, default=1, help="seeds 0..N-1 per network (default: 1)")
+    p.add_argument("--out", metavar="DIR", default="runs/reproduce", help="output folder (default: runs/reproduce)")
+    p.add_argument("--fresh", action="store_true", help="retrain even where a finished run exists")
+    common(p)
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score a saved run, including the one-at-a-time check",
+        description="Reload a checkpoint and score it on validation, test, and test samples classified one at a time.",
+    )
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or its checkpoint.pt")
+    p.add_argument(
+        "--samples", type=non_negative_int, default=100, help="test images to classify one at a time (default: 100)"
+    )
+    common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "summary",
+        help="print the seed ConvNet's layers, shapes and parameter counts",
+        description="Print a summary of the seed ConvNet.",
+    )
+    p.add_argument("--bn", choices=BN_MODES, default="manual", help="normalization (default: manual)")
+    p.add_argument("--depth", type=positive_int, default=19, help="conv layers (default: 19)")
+    p.add_argument("--activation", default="relu", help="activation function (default: relu)")
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"bnlab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except BnlabError as err:
+        print(f"bnlab {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"bnlab {args.command}: interrupted; files already written are intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

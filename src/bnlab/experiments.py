@@ -1,0 +1,165 @@
+"""The notebook's experiment: the same network trained without BN, with PyTorch's BN and with bnlab's.
+
+``reproduce`` trains the three networks at the notebook's settings for each seed (the same seed
+gives the three the same batches, and the same kernels where their initialisation agrees), then
+writes a table next to the notebook's published figures and a plot of validation accuracy.
+
+Runs live in ``OUT/seed{S}/{bn}/``; a finished run with the same configuration is reused instead
+of retrained, so an interrupted ``reproduce`` picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bnlab import reports, runs
+from bnlab.data import MNIST, load_mnist
+from bnlab.errors import UsageError
+from bnlab.models import BN_MODES
+from bnlab.train import RunResult, TrainConfig, load_run, resolve_device, train
+
+
+@dataclass(frozen=True)
+class Published:
+    network: str
+    test_accuracy: float
+    one_at_a_time_accuracy: float
+
+
+# The notebook's printed results (TensorFlow 1, one run each).
+NOTEBOOK = {
+    "none": Published("without batch norm", 0.1219, 0.13),
+    "torch": Published("tf.layers.batch_normalization", 0.9745, 0.98),
+    "manual": Published("tf.nn.moments + tf.nn.batch_normalization", 0.9605, 0.98),
+}
+
+LABELS = {
+    "none": "no BN",
+    "torch": "PyTorch BN (nn.BatchNorm2d, TF settings)",
+    "manual": "bnlab BN (tensor ops)",
+}
+
+
+@dataclass
+class ReproduceResult:
+    runs: dict[str, list[RunResult]]  # bn mode -> one result per seed
+    out_dir: Path
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per network: figures over seeds (mean, min, max) beside the notebook's."""
+        rows = []
+        for bn, results in self.runs.items():
+            row: dict[str, Any] = {"bn": bn, "network": LABELS[bn], "seeds": len(results)}
+            for key in ("validation_accuracy", "test_accuracy", "one_at_a_time_accuracy", "wall_seconds"):
+                values = [getattr(r, key) for r in results]
+                row[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+            row["notebook_test_accuracy"] = NOTEBOOK[bn].test_accuracy
+            row["notebook_one_at_a_time_accuracy"] = NOTEBOOK[bn].one_at_a_time_accuracy
+            rows.append(row)
+        return rows
+
+
+def reproduce(
+    seeds: int | Sequence[int] = 1,
+    *,
+    out_dir: str | Path = "runs/reproduce",
+    data: MNIST | None = None,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    modes: Sequence[str] = BN_MODES,
+    reuse: bool = True,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+) -> ReproduceResult:
+    """Train every mode for every seed at the notebook's settings; write the table and plot."""
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list:
+        raise UsageError("reproduce needs at least one seed")
+    for bn in modes:
+        if bn not in BN_MODES:
+            raise UsageError(f"unknown bn mode {bn!r}; choose from {', '.join(BN_MODES)}")
+    out = Path(out_dir)
+    torch_device = resolve_device(device)
+    data = data if data is not None else load_mnist(data_dir)
+    results: dict[str, list[RunResult]] = {bn: [] for bn in modes}
+    total, done = len(seed_list) * len(modes), 0
+    for seed in seed_list:
+        for bn in modes:
+            done += 1
+            config = TrainConfig(bn=bn, seed=seed)
+            run_dir = out / f"seed{seed}" / bn
+            previous = load_run(run_dir, config) if reuse else None
+            if previous is not None:
+                log(f"[{done}/{total}] {LABELS[bn]}, seed {seed}: reusing the finished run in {run_dir}")
+                results[bn].append(previous)
+                continue
+            _clear_run_dir(run_dir)
+            log(f"[{done}/{total}] {LABELS[bn]}, seed {seed}")
+            result = train(config, data, run_dir=run_dir, device=torch_device, log=log, progress=progress)
+            log(f"    wall time {result.wall_seconds:.1f} s")
+            results[bn].append(result)
+    outcome = ReproduceResult(results, out)
+    write_reproduce_report(outcome)
+    return outcome
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """Remove an unfinished or outdated run so its metrics are not appended to."""
+    if not run_dir.exists():
+        return
+    names = {p.name for p in run_dir.iterdir()}
+    known = {runs.CONFIG, runs.METRICS, runs.SUMMARY, runs.CHECKPOINT}
+    if any(not name.startswith(".") for name in names - known):
+        raise UsageError(f"{run_dir} holds files bnlab did not write; move them or choose another --out")
+    shutil.rmtree(run_dir)
+
+
+def write_reproduce_report(outcome: ReproduceResult) -> None:
+    """results.json, results.csv, table.md and validation_accuracy.png in the output folder."""
+    out, rows = outcome.out_dir, outcome.rows()
+    runs.write_json(
+        out / "results.json",
+        {
+            "rows": rows,
+            "runs": [r.summary() | {"run_dir": str(r.run_dir)} for rs in outcome.runs.values() for r in rs],
+        },
+    )
+    reports.write_csv(out / "results.csv", reports.flatten_rows(rows))
+    runs.atomic_write_bytes(out / "table.md", (reproduce_table(outcome) + "\n").encode())
+    curves = {
+        LABELS[bn]: [reports.validation_curve(r.history, r.config.batches, r.validation_accuracy) for r in rs]
+        for bn, rs in outcome.runs.items()
+    }
+    reports.plot_curves(
+        out / "validation_accuracy.png",
+        curves,
+        title="Validation accuracy of the 20-layer ConvNet on MNIST",
+        xlabel="batch",
+        ylabel="validation accuracy",
+    )
+
+
+def reproduce_table(outcome: ReproduceResult) -> str:
+    rows = outcome.rows()
+    seeds = max(r["seeds"] for r in rows)
+    spread = " (mean, min-max over seeds)" if seeds > 1 else ""
+    headers = ["network", "seeds", "validation", "test", "100 one at a time", "wall s", "notebook test", "notebook 100"]
+    body = [
+        [
+            r["network"],
+            str(r["seeds"]),
+            reports.spread(r["validation_accuracy"], 4),
+            reports.spread(r["test_accuracy"], 4),
+            reports.spread(r["one_at_a_time_accuracy"], 2),
+            reports.spread(r["wall_seconds"], 1),
+            f"{r['notebook_test_accuracy']:.4f}",
+            f"{r['notebook_one_at_a_time_accuracy']:.2f}",
+        ]
+        for r in rows
+    ]
+    return f"Final accuracies{spread}, 800 batches of 64\n\n" + reports.markdown_table(headers, body)

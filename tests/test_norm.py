@@ -1,0 +1,188 @@
+"""bnlab's batch norm against PyTorch's, and against the formulas it claims to implement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bnlab import norm
+
+TORCH_LAYERS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+BNLAB_LAYERS = {1: norm.BatchNorm1d, 2: norm.BatchNorm2d, 3: norm.BatchNorm3d}
+# (layer kind, number of spatial dims): BatchNorm1d takes (N, C) and (N, C, L)
+SHAPES = [(1, 0), (1, 1), (2, 2), (3, 3)]
+
+
+@st.composite
+def cases(draw):
+    kind, spatial = draw(st.sampled_from(SHAPES))
+    n = draw(st.integers(2, 6))
+    c = draw(st.integers(1, 5))
+    size = [draw(st.integers(1, 5)) for _ in range(spatial)]
+    layout = draw(st.sampled_from(["contiguous", "channels_last"])) if spatial >= 2 else "contiguous"
+    options = dict(
+        affine=draw(st.booleans()),
+        track_running_stats=draw(st.booleans()),
+        momentum=draw(st.sampled_from([0.1, 0.01, 0.5, None])),
+        eps=draw(st.sampled_from([1e-5, 1e-3])),
+    )
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    seed = draw(st.integers(0, 2**16))
+    return kind, (n, c, *size), layout, options, dtype, seed
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        return x.contiguous(memory_format=fmt)
+    return x
+
+
+def _pair(kind, c, options, dtype, seed):
+    ref = TORCH_LAYERS[kind](c, dtype=dtype, **options)
+    ours = BNLAB_LAYERS[kind](c, dtype=dtype, **options)
+    g = torch.Generator().manual_seed(seed)
+    if options["affine"]:
+        with torch.no_grad():
+            ref.weight.copy_(torch.rand(c, generator=g, dtype=dtype) + 0.5)
+            ref.bias.copy_(torch.randn(c, generator=g, dtype=dtype))
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _tol(dtype):
+    return dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=80, deadline=None)
+@given(cases())
+def test_matches_torch_in_training_and_eval(case):
+    kind, shape, layout, options, dtype, seed = case
+    ref, ours = _pair(kind, shape[1], options, dtype, seed)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(3):  # several steps so running statistics accumulate (and momentum=None averages)
+        x = _layout(torch.randn(shape, generator=g, dtype=dtype) * 3 + step, layout)
+        x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ref, y_ours = ref(x_ref), ours(x_ours)
+        torch.testing.assert_close(y_ours, y_ref, **_tol(dtype))
+        dy = torch.randn(shape, generator=g, dtype=dtype)
+        y_ref.backward(dy)
+        y_ours.backward(dy)
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, **_tol(dtype))
+        if options["affine"]:
+            torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **_tol(dtype))
+            torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **_tol(dtype))
+        if layout == "channels_last":
+            fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+            assert y_ours.is_contiguous(memory_format=fmt)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, **_tol(dtype))
+    ref.eval()
+    ours.eval()
+    x = _layout(torch.randn(shape, generator=g, dtype=dtype), layout)
+    torch.testing.assert_close(ours(x), ref(x), **_tol(dtype))
+
+
+def test_population_update_follows_the_notebook_formula():
+    layer = norm.BatchNorm2d.tf_style(3)  # decay 0.99, eps 1e-3, biased variance
+    x1 = torch.randn(8, 3, 5, 5, dtype=torch.float64) * 2 + 1
+    x2 = torch.randn(8, 3, 5, 5, dtype=torch.float64) - 4
+    layer.double()
+    layer(x1)
+    layer(x2)
+    pop_mean, pop_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for x in (x1, x2):
+        batch_mean = x.mean(dim=(0, 2, 3))
+        batch_var = ((x - batch_mean.view(1, 3, 1, 1)) ** 2).mean(dim=(0, 2, 3))  # biased, as tf.nn.moments
+        pop_mean = pop_mean * 0.99 + batch_mean * (1 - 0.99)
+        pop_var = pop_var * 0.99 + batch_var * (1 - 0.99)
+    torch.testing.assert_close(layer.running_mean, pop_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, pop_var, rtol=1e-12, atol=1e-12)
+    assert layer.num_batches_tracked.item() == 2
+    assert layer.eps == 1e-3
+
+
+def test_the_one_intended_difference_is_the_unbiased_running_variance():
+    torch_layer = nn.BatchNorm1d(4, momentum=0.01, eps=1e-3)
+    ours = norm.BatchNorm1d.tf_style(4)
+    x = torch.randn(10, 4)
+    torch_layer(x)
+    ours(x)
+    torch.testing.assert_close(ours.running_mean, torch_layer.running_mean)
+    # PyTorch's update uses var * M / (M - 1); the notebook's uses var. Undo the factor and they agree.
+    torch_batch_var = (torch_layer.running_var - 0.99) / 0.01
+    ours_batch_var = (ours.running_var - 0.99) / 0.01
+    torch.testing.assert_close(torch_batch_var * 9 / 10, ours_batch_var, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 2, 3)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_float64(shape, affine):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(3, dtype=torch.float64, requires_grad=True) + 0.5 if affine else None
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True) if affine else None
+
+    def f(x, weight, bias):
+        return norm.batch_norm(x, None, None, weight, bias, training=True, eps=1e-3)
+
+    assert torch.autograd.gradcheck(f, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(f, (x, weight, bias))
+
+
+def test_closed_form_backward_matches_autograd_through_naive_formula():
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    fast = torch.autograd.grad(norm.batch_norm(x, None, None, w, b, training=True, eps=1e-3), (x, w, b), dy)
+    naive = torch.autograd.grad(norm.naive_batch_norm(x, w, b, eps=1e-3), (x, w, b), dy)
+    for got, expected in zip(fast, naive, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_eval_output_of_a_sample_does_not_depend_on_its_batch():
+    layer = norm.BatchNorm2d.tf_style(4)
+    for _ in range(5):
+        layer(torch.randn(16, 4, 3, 3) * 2 + 1)
+    layer.eval()
+    sample = torch.randn(1, 4, 3, 3)
+    alone = layer(sample)
+    for others in (torch.randn(7, 4, 3, 3), torch.randn(7, 4, 3, 3) * 100 - 50):
+        in_batch = layer(torch.cat([sample, others]))[:1]
+        torch.testing.assert_close(in_batch, alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1, 1), (1, 3, 1)])
+def test_training_on_one_value_per_feature_is_a_clear_error(shape):
+    layer = norm.BatchNorm2d(3) if len(shape) == 4 else norm.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="more than one value per feature"):
+        layer(torch.randn(shape))
+    layer.eval()
+    assert layer(torch.randn(shape)).shape == shape  # fine with population statistics
+
+
+def test_wrong_input_rank_and_width_are_clear_errors():
+    with pytest.raises(ValueError, match="expects 4D input, got 2D"):
+        norm.BatchNorm2d(3)(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="got 5 features"):
+        norm.BatchNorm1d(3)(torch.randn(4, 5))
+
+
+def test_state_dict_loads_into_torch_and_back_with_equal_outputs():
+    ours = norm.BatchNorm2d(3)
+    for _ in range(3):
+        ours(torch.randn(8, 3, 4, 4) * 2 + 1)
+    ref = nn.BatchNorm2d(3)
+    ref.load_state_dict(ours.state_dict())
+    assert set(ours.state_dict()) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    ours.eval()
+    ref.eval()
+    x = torch.randn(5, 3, 4, 4)
+    torch.testing.assert_close(ours(x), ref(x))
+    back = norm.BatchNorm2d(3)
+    back.load_state_dict(ref.state_dict())
+    back.eval()
+    torch.testing.assert_close(back(x), ref(x))

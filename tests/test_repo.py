@@ -1,0 +1,35 @@
+"""The README's promises: its two commands, and CI running the very test command it gives."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    first_screen = "\n".join((ROOT / "README.md").read_text().splitlines()[:40])
+    return re.findall(r"```(?:bash|sh)\n(.*?)\n```", first_screen, flags=re.S)
+
+
+def test_readme_first_screen_gives_exactly_two_commands():
+    commands = readme_commands()
+    assert len(commands) == 2, commands
+    assert "bnlab reproduce" in commands[0]
+    assert "pytest" in commands[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert readme_commands()[1] in ci
+
+
+def test_ruff_clean():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "src", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
