@@ -102,7 +102,7 @@ def test_bad_options_are_usage_errors():
 
 def test_summary_lists_layers_shapes_and_counts():
     text = summary(build_model("manual"))
-    assert "blocks.18.conv  SameConv2d   (N, 76, 1, 1)" in text
-    assert "hidden.norm     BatchNorm1d  (N, 100)" in text
+    assert "blocks.18.conv  SameConv2d        (N, 76, 1, 1)" in text
+    assert "hidden.norm     BatchNorm1d+ReLU  (N, 100)" in text
     total = sum(p.numel() for p in build_model("manual").parameters())
     assert f"trainable parameters: {total:,}" in text

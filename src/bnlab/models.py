@@ -58,14 +58,14 @@ def check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) ->
         raise UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def make_norm(bn: str, num_features: int, dims: int) -> nn.Module:
-    """A BN layer for ``dims``-D input ((N, C) is 2) in the given mode."""
+def make_norm(bn: str, num_features: int, dims: int, fused_relu: bool = False) -> nn.Module:
+    """A BN layer for ``dims``-D input ((N, C) is 2) in the given mode; bnlab's can fuse a ReLU."""
     check_choice("bn", bn, BN_MODES[1:])
     if bn == "torch":
         layer = nn.BatchNorm1d if dims == 2 else nn.BatchNorm2d
         return layer(num_features, eps=TF_EPS, momentum=TF_MOMENTUM)
     layer = norm.BatchNorm1d if dims == 2 else norm.BatchNorm2d
-    return layer.tf_style(num_features, decay=1 - TF_MOMENTUM, eps=TF_EPS)
+    return layer.tf_style(num_features, decay=1 - TF_MOMENTUM, eps=TF_EPS, fused_relu=fused_relu)
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -124,22 +124,26 @@ class SeedConvNet(nn.Module):
             in_channels=in_channels,
         )
         use_bn = bn != "none"
+        fuse = bn == "manual" and activation == "relu"  # bnlab's BN applies the ReLU in its own pass
+
+        def norm_act(block: nn.Sequential, features: int, dims: int) -> None:
+            if use_bn:
+                block.add_module("norm", make_norm(bn, features, dims, fused_relu=fuse))
+            if not fuse:
+                block.add_module("act", ACTIVATIONS[activation]())
+
         blocks, channels, size = [], in_channels, image_size
         for d in range(1, depth + 1):
             stride = 2 if d % 3 == 0 else 1
             block = nn.Sequential()
             block.add_module("conv", SameConv2d(channels, width * d, 3, stride, bias=not use_bn))
-            if use_bn:
-                block.add_module("norm", make_norm(bn, width * d, dims=4))
-            block.add_module("act", ACTIVATIONS[activation]())
+            norm_act(block, width * d, dims=4)
             blocks.append(block)
             channels, size = width * d, math.ceil(size / stride)
         self.blocks = nn.Sequential(*blocks)
         self.hidden = nn.Sequential()
         self.hidden.add_module("linear", nn.Linear(channels * size * size, hidden, bias=not use_bn))
-        if use_bn:
-            self.hidden.add_module("norm", make_norm(bn, hidden, dims=2))
-        self.hidden.add_module("act", ACTIVATIONS[activation]())
+        norm_act(self.hidden, hidden, dims=2)
         self.logits = nn.Linear(hidden, num_classes)
         self.reset_parameters(generator)
 
@@ -187,7 +191,8 @@ def summary(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> 
         def record(mod: nn.Module, _inputs: Any, output: Tensor, name: str = name) -> None:
             shape = "(N, " + ", ".join(str(s) for s in output.shape[1:]) + ")"
             params = sum(p.numel() for p in mod.parameters(recurse=False))
-            rows.append((name, type(mod).__name__, shape, params))
+            kind = type(mod).__name__ + ("+ReLU" if getattr(mod, "fused_relu", False) else "")
+            rows.append((name, kind, shape, params))
 
         hooks.append(module.register_forward_hook(record))
     param = next(model.parameters(), None)

@@ -1,0 +1,358 @@
+// bnlab's CPU batch-norm kernels: norm.py's formulas in as few passes over memory as they allow.
+//
+// A tensor of N samples, C features and S positions per sample (S = L, H*W or D*H*W; 1 for (N, C))
+// is stored either
+//   NCS (contiguous):    x[(n * C + c) * S + s]
+//   NSC (channels_last): x[(n * S + s) * C + c]
+//
+// Training forward = 1 pass for the moments + 1 pass writing y (ReLU'd if asked);
+// backward = 1 pass for the two per-feature sums + 1 pass writing dx; eval forward = 1 pass.
+//
+// Two ways to walk memory, chosen by shape:
+//  - per feature (NCS with runs of S >= kMinRun values): each feature's N runs, coefficients constant;
+//  - periodic (NSC, or NCS with short runs): the flat data repeats a pattern of P = C (NSC) or
+//    P = C * S (NCS) values, so it is cut into rows of L = a multiple of P (at least kMinRow values)
+//    and every per-feature quantity is tiled to length L. Inner loops then run over L contiguous
+//    values whatever C and S are, which keeps tiny layers (C = 4 channels_last, or H = W = 1) fast.
+//
+// Accuracy: moments are accumulated in double around a per-feature shift K (the feature's first
+// value), so a large mean with a small spread loses nothing to cancellation; the mean is kept in
+// double and subtracted as a pair of T (hi + lo), so x - mean is as exact as T allows.
+//
+// Plain C ABI (extern "C"), loaded with ctypes: no PyTorch headers, compiles in about a second.
+// Threads: OpenMP, as many as the caller passes (bnlab passes torch.get_num_threads()); the library
+// links libgomp.so.1, which resolves to the copy PyTorch has already loaded.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+static int thread_id() { return omp_get_thread_num(); }
+#else
+static int thread_id() { return 0; }
+#endif
+
+namespace {
+
+constexpr int64_t kGrain = 32768;     // fewer elements per thread than this: not worth a thread
+constexpr int64_t kMinRun = 64;       // NCS runs at least this long are walked per feature
+constexpr int64_t kMaxPeriod = 4096;  // NCS patterns longer than this are walked per feature
+constexpr int64_t kMinRow = 512;      // periodic rows are at least this long
+
+int threads_for(int64_t elements, int requested) {
+  const int64_t useful = elements / kGrain;
+  if (requested < 1 || useful < 2) return 1;
+  return useful < requested ? static_cast<int>(useful) : requested;
+}
+
+struct Shape {
+  int64_t N, C, S;
+  bool channels_last;
+  int64_t numel() const { return N * C * S; }
+  bool periodic() const { return channels_last || (S < kMinRun && C * S <= kMaxPeriod); }
+};
+
+// How a periodic walk cuts the data: `count` rows of L values (L a multiple of the period and at
+// most the whole tensor; the last row may be shorter), and the feature of each position in a row.
+struct Rows {
+  int64_t L, count, total;
+  std::vector<int64_t> feature;
+  explicit Rows(const Shape& sh) : total(sh.numel()) {
+    const int64_t period = sh.channels_last ? sh.C : sh.C * sh.S;
+    L = period * ((kMinRow + period - 1) / period);
+    if (L > total) L = total;  // total is a multiple of the period
+    count = (total + L - 1) / L;
+    feature.resize(L);
+    for (int64_t j = 0, c = 0, s = 0; j < L; j++) {  // counters, not a division per position
+      feature[j] = c;
+      if (sh.channels_last || ++s == sh.S) {
+        s = 0;
+        c = c + 1 == sh.C ? 0 : c + 1;
+      }
+    }
+  }
+  int64_t length(int64_t r) const { return total - r * L < L ? total - r * L : L; }
+
+  // Per-feature values tiled along a row: out[j] = value[feature[j]].
+  template <typename V>
+  std::vector<V> tile(const std::vector<V>& value) const {
+    std::vector<V> out(L);
+    for (int64_t j = 0; j < L; j++) out[j] = value[feature[j]];
+    return out;
+  }
+};
+
+// mean -> (hi, lo) with hi + lo = mean to double precision, both of type T.
+template <typename T>
+void split_mean(const double* mean, int64_t C, std::vector<T>& hi, std::vector<T>& lo) {
+  hi.resize(C);
+  lo.resize(C);
+  for (int64_t c = 0; c < C; c++) {
+    hi[c] = static_cast<T>(mean[c]);
+    lo[c] = static_cast<T>(mean[c] - static_cast<double>(hi[c]));
+  }
+}
+
+// ---- inner loops over one contiguous block; coefficients tiled (one per position) or constant ----
+
+template <typename T, bool kTiled, bool kRelu>
+inline void forward_block(const T* __restrict__ x, T* __restrict__ out, int64_t len, const T* __restrict__ h,
+                          const T* __restrict__ l, const T* __restrict__ a, const T* __restrict__ d) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; j++) {
+    const int64_t k = kTiled ? j : 0;
+    const T v = ((x[j] - h[k]) - l[k]) * a[k] + d[k];
+    out[j] = (kRelu && v < T(0)) ? T(0) : v;
+  }
+}
+
+template <typename T, bool kTiled, bool kMask>
+inline void dx_block(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ out,
+                     int64_t len, const T* __restrict__ h, const T* __restrict__ l, const T* __restrict__ a,
+                     const T* __restrict__ b, const T* __restrict__ d) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; j++) {
+    const int64_t k = kTiled ? j : 0;
+    T dz = dy[j];
+    if constexpr (kMask) dz = y[j] > T(0) ? dz : T(0);  // a blend, not a branch
+    out[j] = a[k] * dz - b[k] * ((x[j] - h[k]) - l[k]) - d[k];
+  }
+}
+
+// Per-position sums along a periodic row: s1[j] += u, s2[j] += u * v, where
+//   moments:  u = x - K, v = u;      backward: u = dz, v = (x - hi) - lo.
+template <typename T, bool kMoments, bool kMask>
+inline void sums_row(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y, int64_t len,
+                     const T* __restrict__ h, const T* __restrict__ l, const double* __restrict__ shift,
+                     double* __restrict__ s1, double* __restrict__ s2) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; j++) {
+    if constexpr (kMoments) {
+      const double u = static_cast<double>(x[j]) - shift[j];
+      s1[j] += u;
+      s2[j] += u * u;
+    } else {
+      double u = static_cast<double>(dy[j]);
+      if constexpr (kMask) u = y[j] > T(0) ? u : 0.0;  // a blend, not a branch
+      s1[j] += u;
+      s2[j] += u * static_cast<double>((x[j] - h[j]) - l[j]);
+    }
+  }
+}
+
+// The same, reduced to two scalars over one run of a single feature.
+template <typename T, bool kMoments, bool kMask>
+inline void sums_run(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y, int64_t len, T h,
+                     T l, double shift, double& s1, double& s2) {
+  double a = 0.0, b = 0.0;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t j = 0; j < len; j++) {
+    if constexpr (kMoments) {
+      const double u = static_cast<double>(x[j]) - shift;
+      a += u;
+      b += u * u;
+    } else {
+      double u = static_cast<double>(dy[j]);
+      if constexpr (kMask) u = y[j] > T(0) ? u : 0.0;  // a blend, not a branch
+      a += u;
+      b += u * static_cast<double>((x[j] - h) - l);
+    }
+  }
+  s1 += a;
+  s2 += b;
+}
+
+// ---- whole-tensor passes ----
+
+// Per-feature totals of the two sums above: out1[c], out2[c].
+template <typename T, bool kMoments, bool kMask>
+void feature_sums(const T* x, const T* dy, const T* y, const Shape& sh, int threads, const std::vector<T>& hi,
+                  const std::vector<T>& lo, const std::vector<double>& shift, double* out1, double* out2) {
+  const int64_t C = sh.C, S = sh.S;
+  if (!sh.periodic()) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t n = 0; n < sh.N; n++) {
+        const int64_t i = (n * C + c) * S;
+        sums_run<T, kMoments, kMask>(x + i, dy + i, y + i, S, hi[c], lo[c], shift[c], s1, s2);
+      }
+      out1[c] = s1;
+      out2[c] = s2;
+    }
+    return;
+  }
+  const Rows rows(sh);
+  const int64_t L = rows.L;
+  // moments need the tiled shift; the backward sums the tiled mean
+  const std::vector<T> th = kMoments ? std::vector<T>() : rows.tile(hi);
+  const std::vector<T> tl = kMoments ? std::vector<T>() : rows.tile(lo);
+  const std::vector<double> tk = kMoments ? rows.tile(shift) : std::vector<double>();
+  std::vector<double> partial(2 * L * threads, 0.0);
+#pragma omp parallel num_threads(threads)
+  {
+    double* s1 = partial.data() + 2 * L * thread_id();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows.count; r++) {
+      const int64_t i = r * L;
+      sums_row<T, kMoments, kMask>(x + i, dy + i, y + i, rows.length(r), th.data(), tl.data(), tk.data(), s1,
+                                   s1 + L);
+    }
+  }
+  for (int64_t c = 0; c < C; c++) out1[c] = out2[c] = 0.0;
+  for (int t = 0; t < threads; t++)
+    for (int64_t j = 0; j < L; j++) {
+      out1[rows.feature[j]] += partial[2 * L * t + j];
+      out2[rows.feature[j]] += partial[2 * L * t + L + j];
+    }
+}
+
+// Per-feature mean and biased variance, accumulated around shift K = the feature's first value.
+template <typename T>
+void moments(const T* x, const Shape& sh, int threads, double* mean, double* var) {
+  const int64_t C = sh.C;
+  std::vector<double> shift(C), sum(C), sumsq(C);
+  for (int64_t c = 0; c < C; c++) shift[c] = x[sh.channels_last ? c : c * sh.S];
+  const std::vector<T> unused(C);
+  feature_sums<T, true, false>(x, x, x, sh, threads, unused, unused, shift, sum.data(), sumsq.data());
+  const double M = static_cast<double>(sh.N * sh.S);
+  for (int64_t c = 0; c < C; c++) {
+    const double m = sum[c] / M;
+    mean[c] = shift[c] + m;
+    var[c] = std::fmax(sumsq[c] / M - m * m, 0.0);
+  }
+}
+
+// One elementwise pass (forward_block if kForward, else dx_block; kFlag = ReLU / mask), either walk.
+template <typename T, bool kForward, bool kFlag>
+void elementwise(const T* x, const T* dy, const T* y, T* out, const Shape& sh, int threads, const double* mean,
+                 const std::vector<T>& a, const std::vector<T>& b, const std::vector<T>& d) {
+  std::vector<T> hi, lo;
+  split_mean(mean, sh.C, hi, lo);
+  if (sh.periodic()) {
+    const Rows rows(sh);
+    const std::vector<T> th = rows.tile(hi), tl = rows.tile(lo), ta = rows.tile(a), td = rows.tile(d);
+    const std::vector<T> tb = kForward ? std::vector<T>() : rows.tile(b);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows.count; r++) {
+      const int64_t i = r * rows.L, len = rows.length(r);
+      if constexpr (kForward)
+        forward_block<T, true, kFlag>(x + i, out + i, len, th.data(), tl.data(), ta.data(), td.data());
+      else
+        dx_block<T, true, kFlag>(x + i, dy + i, y + i, out + i, len, th.data(), tl.data(), ta.data(), tb.data(),
+                                 td.data());
+    }
+    return;
+  }
+  const int64_t C = sh.C, S = sh.S;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t nc = 0; nc < sh.N * C; nc++) {
+    const int64_t c = nc % C, i = nc * S;
+    if constexpr (kForward)
+      forward_block<T, false, kFlag>(x + i, out + i, S, &hi[c], &lo[c], &a[c], &d[c]);
+    else
+      dx_block<T, false, kFlag>(x + i, dy + i, y + i, out + i, S, &hi[c], &lo[c], &a[c], &b[c], &d[c]);
+  }
+}
+
+template <typename T>
+void normalize(const T* x, T* y, const Shape& sh, int threads, const double* mean, const double* invstd,
+               const T* weight, const T* bias, bool relu) {
+  std::vector<T> a(sh.C), unused(sh.C, T(0)), d(sh.C);
+  for (int64_t c = 0; c < sh.C; c++) {
+    a[c] = static_cast<T>(invstd[c] * (weight ? static_cast<double>(weight[c]) : 1.0));
+    d[c] = bias ? bias[c] : T(0);
+  }
+  threads = threads_for(sh.numel(), threads);
+  if (relu)
+    elementwise<T, true, true>(x, x, x, y, sh, threads, mean, a, unused, d);
+  else
+    elementwise<T, true, false>(x, x, x, y, sh, threads, mean, a, unused, d);
+}
+
+// sum_dz = sum(dz), sum_dz_xhat = sum(dz * xhat), dz = dy masked by y > 0 when y is given.
+template <typename T>
+void backward_sums(const T* x, const T* dy, const T* y, const Shape& sh, int threads, const double* mean,
+                   const double* invstd, double* sum_dz, double* sum_dz_xhat) {
+  std::vector<T> hi, lo;
+  split_mean(mean, sh.C, hi, lo);
+  const std::vector<double> unused(sh.C);
+  threads = threads_for(sh.numel(), threads);
+  if (y)
+    feature_sums<T, false, true>(x, dy, y, sh, threads, hi, lo, unused, sum_dz, sum_dz_xhat);
+  else
+    feature_sums<T, false, false>(x, dy, dy, sh, threads, hi, lo, unused, sum_dz, sum_dz_xhat);
+  for (int64_t c = 0; c < sh.C; c++) sum_dz_xhat[c] *= invstd[c];
+}
+
+// dx = k * (dz - sum_dz / M - xhat * sum_dz_xhat / M), k = invstd * weight.
+template <typename T>
+void backward_dx(const T* x, const T* dy, const T* y, T* dx, const Shape& sh, int threads, const double* mean,
+                 const double* invstd, const T* weight, const double* sum_dz, const double* sum_dz_xhat,
+                 double count) {
+  std::vector<T> a(sh.C), b(sh.C), d(sh.C);
+  for (int64_t c = 0; c < sh.C; c++) {
+    const double k = invstd[c] * (weight ? static_cast<double>(weight[c]) : 1.0);
+    a[c] = static_cast<T>(k);
+    b[c] = static_cast<T>(k * invstd[c] * sum_dz_xhat[c] / count);
+    d[c] = static_cast<T>(k * sum_dz[c] / count);
+  }
+  threads = threads_for(sh.numel(), threads);
+  if (y)
+    elementwise<T, false, true>(x, dy, y, dx, sh, threads, mean, a, b, d);
+  else
+    elementwise<T, false, false>(x, dy, dy, dx, sh, threads, mean, a, b, d);
+}
+
+}  // namespace
+
+// The C ABI. Pointers may be null where a tensor is optional (weight, bias, running stats, y, outputs).
+// Statistics (mean, invstd) are float64 arrays of C values.
+#define BNLAB_EXPORT(T, SUFFIX)                                                                                 \
+  /* Eval forward: y = (x - mean) * invstd * weight + bias, ReLU'd if relu. */                                \
+  extern "C" void bn_normalize_##SUFFIX(const T* x, T* y, int64_t N, int64_t C, int64_t S, int channels_last, \
+                                        int threads, const double* mean, const double* invstd,               \
+                                        const T* weight, const T* bias, int relu) {                          \
+    normalize(x, y, Shape{N, C, S, channels_last != 0}, threads, mean, invstd, weight, bias, relu != 0);     \
+  }                                                                                                           \
+  /* Training forward: batch moments, invstd, running-statistics update, normalize (+ ReLU). */              \
+  extern "C" void bn_forward_train_##SUFFIX(const T* x, T* y, int64_t N, int64_t C, int64_t S,               \
+                                            int channels_last, int threads, const T* weight, const T* bias,  \
+                                            double eps, int relu, T* running_mean, T* running_var,           \
+                                            double momentum, int unbiased, double* mean, double* invstd) {   \
+    const Shape sh{N, C, S, channels_last != 0};                                                              \
+    std::vector<double> var(C);                                                                               \
+    moments(x, sh, threads_for(sh.numel(), threads), mean, var.data());                                       \
+    const double M = static_cast<double>(N * S);                                                              \
+    for (int64_t c = 0; c < C; c++) {                                                                         \
+      invstd[c] = 1.0 / std::sqrt(var[c] + eps);                                                              \
+      if (running_mean) {                                                                                     \
+        const double pop_var = unbiased ? var[c] * M / (M - 1.0) : var[c];                                    \
+        running_mean[c] = static_cast<T>((1.0 - momentum) * running_mean[c] + momentum * mean[c]);            \
+        running_var[c] = static_cast<T>((1.0 - momentum) * running_var[c] + momentum * pop_var);              \
+      }                                                                                                       \
+    }                                                                                                         \
+    normalize(x, y, sh, threads, mean, invstd, weight, bias, relu != 0);                                      \
+  }                                                                                                           \
+  /* Backward: dweight = sum(dz * xhat), dbias = sum(dz), dx (each written only if its pointer is set). */   \
+  extern "C" void bn_backward_##SUFFIX(const T* x, const T* dy, const T* y, T* dx, T* dweight, T* dbias,      \
+                                       int64_t N, int64_t C, int64_t S, int channels_last, int threads,      \
+                                       const double* mean, const double* invstd, const T* weight) {          \
+    const Shape sh{N, C, S, channels_last != 0};                                                              \
+    std::vector<double> sum_dz(C), sum_dz_xhat(C);                                                            \
+    backward_sums(x, dy, y, sh, threads, mean, invstd, sum_dz.data(), sum_dz_xhat.data());                   \
+    for (int64_t c = 0; c < C; c++) {                                                                         \
+      if (dweight) dweight[c] = static_cast<T>(sum_dz_xhat[c]);                                               \
+      if (dbias) dbias[c] = static_cast<T>(sum_dz[c]);                                                        \
+    }                                                                                                         \
+    if (dx)                                                                                                   \
+      backward_dx(x, dy, y, dx, sh, threads, mean, invstd, weight, sum_dz.data(), sum_dz_xhat.data(),        \
+                  static_cast<double>(N * S));                                                                \
+  }
+
+BNLAB_EXPORT(float, f32)
+BNLAB_EXPORT(double, f64)
+
+// Bumped whenever a signature changes; the Python loader refuses a library of another version.
+extern "C" int bn_abi_version() { return 1; }
