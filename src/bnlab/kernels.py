@@ -23,8 +23,8 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch

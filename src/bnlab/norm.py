@@ -133,7 +133,8 @@ class _BatchNormFunction(torch.autograd.Function):
             scale = invstd if weight is None else invstd * weight
             offset = -mean * scale if bias is None else bias - mean * scale
             # x - K is small, so folding the mean into the offset cancels nothing significant
-            y = torch.addcmul(_per_feature(offset, x), x.to(mean.dtype) - _per_feature(shift, x), _per_feature(scale, x))
+            centered = x.to(mean.dtype) - _per_feature(shift, x)
+            y = torch.addcmul(_per_feature(offset, x), centered, _per_feature(scale, x))
             if relu:
                 y.relu_()
             y = y.to(x.dtype)
@@ -187,9 +188,7 @@ def _differentiable_backward(ctx, dy, x, weight, bias):
     return [None if t is None else next(grads) for t in inputs]
 
 
-def naive_batch_norm(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool = False
-) -> Tensor:
+def naive_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool = False) -> Tensor:
     """Training-mode batch norm as the notebook writes it; autograd differentiates every op."""
     xs = x.float() if x.dtype in _LOW_PRECISION else x
     var, mean = torch.var_mean(xs, _reduce_dims(x), keepdim=True, correction=0)
