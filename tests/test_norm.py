@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bnlab import norm
+from bnlab import kernels, norm
 
 TORCH_LAYERS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 BNLAB_LAYERS = {1: norm.BatchNorm1d, 2: norm.BatchNorm2d, 3: norm.BatchNorm3d}
@@ -195,3 +195,90 @@ def test_state_dict_loads_into_torch_and_back_with_equal_outputs():
     back.load_state_dict(ref.state_dict())
     back.eval()
     torch.testing.assert_close(back(x), ref(x))
+
+
+@st.composite
+def kernel_cases(draw):
+    spatial = draw(st.sampled_from([0, 1, 2, 3]))
+    n = draw(st.integers(2, 9))
+    c = draw(st.integers(1, 12))
+    # sizes that exercise both of the kernels' walks: short runs (periodic) and runs of >= 64 values
+    size = [draw(st.sampled_from([1, 2, 3, 5, 9, 17])) for _ in range(spatial)]
+    layout = draw(st.sampled_from(["contiguous", "channels_last"])) if spatial >= 2 else "contiguous"
+    return (n, c, *size), layout, draw(st.booleans()), draw(st.sampled_from([torch.float32, torch.float64]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(kernel_cases(), st.integers(0, 2**16))
+def test_compiled_kernels_agree_with_the_tensor_op_implementation(case, seed):
+    shape, layout, relu, dtype = case
+    if not kernels.available():
+        pytest.skip(kernels.status())
+    g = torch.Generator().manual_seed(seed)
+    x = _layout(torch.randn(shape, generator=g, dtype=dtype) * 2 + 3, layout)
+    dy = torch.randn(shape, generator=g, dtype=dtype)
+    weight = torch.rand(shape[1], generator=g, dtype=dtype) + 0.5
+    bias = torch.randn(shape[1], generator=g, dtype=dtype)
+    results = []
+    for use in (True, False):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, weight, bias))
+        running = [torch.zeros(shape[1], dtype=dtype), torch.ones(shape[1], dtype=dtype)]
+        with kernels.use_kernels(use):
+            y = norm.batch_norm(xi, *running, wi, bi, training=True, momentum=0.1, eps=1e-3, relu=relu)
+            y.backward(dy)
+            y_eval = norm.batch_norm(x, *running, weight, bias, training=False, eps=1e-3, relu=relu)
+        results.append([y, xi.grad, wi.grad, bi.grad, *running, y_eval])
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, **tol)
+    assert results[0][0].stride() == x.stride()  # the output keeps the input's layout
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+@pytest.mark.parametrize("mean", [0.0, 1e2, 1e4, 1e6])
+def test_large_mean_small_spread_stays_accurate(use_kernels, mean):
+    """The guarantee: |y - y_float64| <= 2**-21 * (1 + |y|) for float32 input, whatever the mean.
+
+    y_float64 is the float64 batch norm of the same float32 values. (PyTorch's own float32 batch
+    norm is off by about 7e-4 at mean 1e4 and 4e-2 at mean 1e6 on this test.)
+    """
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(32, 8, 10, 10, generator=g, dtype=torch.float64) + mean).float()
+    exact = norm.naive_batch_norm(x.double(), None, None, eps=1e-5)
+    with kernels.use_kernels(use_kernels):
+        y = norm.batch_norm(x, None, None, training=True, eps=1e-5).double()
+    assert ((y - exact).abs() <= 2**-21 * (1 + exact.abs())).all(), (y - exact).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("param_dtype", ["same", "float32"])
+def test_low_precision_inputs_use_float32_statistics(dtype, param_dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 4, 6, 6, generator=g) * 3 + 20).to(dtype).requires_grad_()
+    layer = norm.BatchNorm2d(4, dtype=dtype if param_dtype == "same" else torch.float32)
+    y = layer(x)
+    assert y.dtype == dtype
+    exact = norm.naive_batch_norm(x.detach().double(), None, None, eps=1e-5)
+    # only the final rounding to the low-precision type is lost: statistics were float32
+    ulp = 2**-8 if dtype == torch.float16 else 2**-5
+    assert ((y.double() - exact).abs() <= ulp * (1 + exact.abs())).all()
+    y.float().sum().backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
+    torch.testing.assert_close(
+        layer.running_mean.double(), 0.1 * x.detach().double().mean((0, 2, 3)), atol=2e-2, rtol=1e-2
+    )
+
+
+def test_fused_relu_equals_batch_norm_then_relu():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    fused = norm.BatchNorm2d(5, fused_relu=True).double()
+    plain = norm.BatchNorm2d(5).double()
+    dy = torch.randn(8, 5, 4, 4, generator=g, dtype=torch.float64)
+    y1 = fused(x)
+    y2 = torch.relu(plain(x))
+    torch.testing.assert_close(y1, y2)
+    (g1,) = torch.autograd.grad(y1, x, dy)
+    (g2,) = torch.autograd.grad(y2, x, dy)
+    torch.testing.assert_close(g1, g2)
+    assert torch.autograd.gradcheck(lambda t: fused(t), (x,))

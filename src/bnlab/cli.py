@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} is not empty; choose another --out (or remove that folder)")
     emit = _emit(args)
-    result = train(config, run_dir=out, data_dir=args.data_dir, device=args.device, log=emit)
+    result = train(config, run_dir=out, data_dir=args.data_dir, device=args.device, log=emit, fast=not args.no_fast)
     emit(f"Run written to {out} (wall time {result.wall_seconds:.1f} s)")
     if args.json:
         print(json.dumps(result.summary() | {"run_dir": str(out)}, indent=2))
@@ -114,7 +114,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     emit = _emit(args)
     outcome = reproduce(
-        args.seeds, out_dir=args.out, data_dir=args.data_dir, device=args.device, reuse=not args.fresh, log=emit
+        args.seeds,
+        out_dir=args.out,
+        data_dir=args.data_dir,
+        device=args.device,
+        reuse=not args.fresh,
+        log=emit,
+        fast=not args.no_fast,
     )
     emit("")
     emit(reproduce_table(outcome))
@@ -142,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda or cuda:N (default: auto)")
         p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (logs go to stderr)")
 
+    def fast_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--no-fast",
+            action="store_true",
+            help="turn off the speed-ups (channels_last, fused Adam, compiled BN kernels), e.g. to debug",
+        )
+
     p = sub.add_parser(
         "train",
         help="train the seed ConvNet once, as the notebook does",
@@ -165,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed for weights and batches (default: 0)")
     p.add_argument("--out", metavar="DIR", help="run directory to create (default: runs/train/BN-seedS-TIME)")
     common(p)
+    fast_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -176,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", default="runs/reproduce", help="output folder (default: runs/reproduce)")
     p.add_argument("--fresh", action="store_true", help="retrain even where a finished run exists")
     common(p)
+    fast_flag(p)
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser(

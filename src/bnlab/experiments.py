@@ -75,6 +75,7 @@ def reproduce(
     reuse: bool = True,
     log: Callable[[str], None] = print,
     progress: bool | None = None,
+    fast: bool = True,
 ) -> ReproduceResult:
     """Train every mode for every seed at the notebook's settings; write the table and plot."""
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
@@ -100,7 +101,7 @@ def reproduce(
                 continue
             _clear_run_dir(run_dir)
             log(f"[{done}/{total}] {LABELS[bn]}, seed {seed}")
-            result = train(config, data, run_dir=run_dir, device=torch_device, log=log, progress=progress)
+            result = train(config, data, run_dir=run_dir, device=torch_device, log=log, progress=progress, fast=fast)
             log(f"    wall time {result.wall_seconds:.1f} s")
             results[bn].append(result)
     outcome = ReproduceResult(results, out)
