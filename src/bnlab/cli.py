@@ -138,6 +138,44 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bnlab import bench, runs
+
+    emit = _emit(args)
+    emit(f"Machine: {bench.describe_machine()}")
+    out: dict = {"machine": bench.describe_machine()}
+    if args.what in ("layer", "all"):
+        timings = bench.layer_benchmark(repeats=args.repeats)
+        emit("\nBatch-norm layer, forward + backward (median microseconds):\n" + bench.layer_table(timings))
+        fused = bench.layer_benchmark(repeats=args.repeats, relu=True)
+        emit("\nBatch norm + ReLU (bnlab fuses the ReLU):\n" + bench.layer_table(fused))
+        out["layer"] = [vars(t) for t in timings] + [vars(t) for t in fused]
+    if args.what in ("train", "all"):
+        paths = [p == "fast" for p in args.paths.split(",")]
+        results = bench.training_benchmark(
+            modes=args.bn.split(","), paths=paths, runs=args.runs, device=args.device, data_dir=args.data_dir, log=emit
+        )
+        emit("\nSeed experiment, 800 batches of 64 (median, min-max):\n" + bench.training_table(results))
+        out["train"] = results
+    if args.out:
+        runs.write_json(Path(args.out), out)
+        emit(f"\nWritten to {args.out}")
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return 0
+
+
+def _csv_choices(allowed: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        items = [item.strip() for item in text.split(",")]
+        bad = [item for item in items if item not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(allowed)}, got {text!r}")
+        return ",".join(items)
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bnlab", description="Batch normalization you can run, see and trust.")
     parser.add_argument("--version", action="version", version=f"bnlab {__version__}")
@@ -214,6 +252,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=positive_int, default=19, help="conv layers (default: 19)")
     p.add_argument("--activation", default="relu", help="activation function (default: relu)")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser(
+        "bench",
+        help="speed: bnlab's BN layer vs PyTorch's, and the seed experiment's training speed",
+        description="Time bnlab's batch norm against PyTorch's, and the 800-batch seed experiment per BN mode.",
+    )
+    p.add_argument(
+        "what", nargs="?", choices=("all", "layer", "train"), default="all", help="what to time (default: all)"
+    )
+    p.add_argument("--bn", type=_csv_choices(BN_MODES), default=",".join(BN_MODES), help="modes (default: all three)")
+    p.add_argument(
+        "--paths",
+        type=_csv_choices(("fast", "slow")),
+        default="fast",
+        help="fast (default path) and/or slow (--no-fast) training path (default: fast)",
+    )
+    p.add_argument("--runs", type=positive_int, default=3, help="800-batch runs per mode (default: 3)")
+    p.add_argument("--repeats", type=positive_int, default=30, help="timings per layer shape (default: 30)")
+    p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
+    common(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
