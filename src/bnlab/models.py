@@ -214,3 +214,124 @@ def summary(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> 
     out.append("-" * (sum(widths) + 6))
     out.append(f"trainable parameters: {trainable:,}   buffer values: {buffers:,}")
     return "\n".join(out)
+
+
+FC_INITS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal")
+
+
+def init_linear(weight: Tensor, init: str | float, generator: torch.Generator | None = None) -> None:
+    """Fill a (out, in) weight by a named scheme, or from normal(0, init) when ``init`` is a number."""
+    if not isinstance(init, str):
+        nn.init.normal_(weight, std=float(init), generator=generator)
+    elif init == "glorot_uniform":
+        nn.init.xavier_uniform_(weight, generator=generator)
+    elif init == "glorot_normal":
+        nn.init.xavier_normal_(weight, generator=generator)
+    elif init == "he_uniform":
+        nn.init.kaiming_uniform_(weight, nonlinearity="relu", generator=generator)
+    elif init == "he_normal":
+        nn.init.kaiming_normal_(weight, nonlinearity="relu", generator=generator)
+    else:  # lecun_normal: variance 1 / fan_in
+        nn.init.normal_(weight, std=1.0 / math.sqrt(weight.shape[1]), generator=generator)
+
+
+class FCNet(nn.Module):
+    """A fully connected network: flatten, then for each hidden size Linear -> [BN] -> activation ->
+    [dropout], then a Linear to the logits (never normalized).
+
+    With batch norm the hidden Linears lose their bias (BN's beta replaces it), as in ``SeedConvNet``,
+    and ``bn`` takes the same modes. ``init`` names a scheme from ``FC_INITS`` (every Linear, the logits
+    included) or gives the standard deviation of a normal; biases start at zero. Weights are drawn
+    from ``generator`` in layer order, so nets built with the same seed share every weight whatever
+    their normalization and dropout.
+    """
+
+    def __init__(
+        self,
+        bn: str = "none",
+        *,
+        hidden: tuple[int, ...] | list[int] = (100, 100, 100),
+        activation: str = "relu",
+        init: str | float = "glorot_uniform",
+        dropout: float = 0.0,
+        in_features: int = 784,
+        num_classes: int = 10,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        check_choice("bn", bn, BN_MODES)
+        check_choice("activation", activation, list(ACTIVATIONS))
+        if isinstance(init, str):
+            check_choice("init", init, FC_INITS)
+        elif not (math.isfinite(init) and init > 0):
+            raise UsageError(f"an init standard deviation must be a positive number; got {init}")
+        if not hidden or min(hidden) < 1:
+            raise UsageError(f"hidden must list one or more positive layer sizes; got {list(hidden)}")
+        if not 0.0 <= dropout < 1.0:
+            raise UsageError(f"dropout must be in [0, 1); got {dropout}")
+        self.hparams: dict[str, Any] = dict(
+            bn=bn,
+            hidden=list(hidden),
+            activation=activation,
+            init=init,
+            dropout=dropout,
+            in_features=in_features,
+            num_classes=num_classes,
+        )
+        self.init = init
+        use_bn = bn != "none"
+        fuse = bn == "manual" and activation == "relu"
+        blocks, features = [], in_features
+        for size in hidden:
+            block = nn.Sequential()
+            block.add_module("linear", nn.Linear(features, size, bias=not use_bn))
+            if use_bn:
+                block.add_module("norm", make_norm(bn, size, dims=2, fused_relu=fuse))
+            if not fuse:
+                block.add_module("act", ACTIVATIONS[activation]())
+            if dropout:
+                block.add_module("dropout", nn.Dropout(dropout))
+            blocks.append(block)
+            features = size
+        self.blocks = nn.Sequential(*blocks)
+        self.logits = nn.Linear(features, num_classes)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for block in self.blocks:
+            init_linear(block.linear.weight, self.init, generator)
+        init_linear(self.logits.weight, self.init, generator)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif hasattr(module, "reset_running_stats"):
+                module.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits(self.blocks(x.flatten(1)))
+
+
+FAMILIES = ("convnet", "mlp")
+
+
+def build_net(family: str, bn: str = "none", *, seed: int = 0, **hparams: Any) -> nn.Module:
+    """A ``SeedConvNet`` ("convnet") or an ``FCNet`` ("mlp"), initialised from its own generator."""
+    check_choice("family", family, FAMILIES)
+    build = SeedConvNet if family == "convnet" else FCNet
+    return build(bn, generator=torch.Generator().manual_seed(seed), **hparams)
+
+
+def build_pair(
+    family: str = "convnet", bn: str = "torch", *, seed: int = 0, **hparams: Any
+) -> tuple[nn.Module, nn.Module]:
+    """(without BN, with BN): two networks whose shared layers start from identical values.
+
+    Both draw their weights from a generator seeded with ``seed``, in layer order, and BN adds no
+    random values, so every conv and Linear weight matches. The ConvNet's ``init="auto"`` differs
+    between modes (the notebook's choices), so it is resolved once, to the BN network's, for both.
+    """
+    check_choice("bn", bn, BN_MODES[1:])
+    if family == "convnet" and hparams.get("init", "auto") == "auto":
+        hparams["init"] = SeedConvNet(bn, depth=1).conv_init
+    return build_net(family, "none", seed=seed, **hparams), build_net(family, bn, seed=seed, **hparams)

@@ -125,8 +125,12 @@ def loss_fn(kind: str, logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def evaluate(model: nn.Module, split: Split, loss: str = "sigmoid", chunk: int = 2500) -> tuple[float, float]:
-    """Mean loss and accuracy over a whole split in eval mode (the model's mode is restored)."""
+def evaluate(model: nn.Module, split: Split, loss: str = "sigmoid", chunk: int = 256) -> tuple[float, float]:
+    """Mean loss and accuracy over a whole split in eval mode (the model's mode is restored).
+
+    Chunks of a few hundred images keep activations in cache: on a 2-core CPU, 256 scores the
+    5,000 validation images about twice as fast as 2,500.
+    """
     was_training = model.training
     model.eval()
     with torch.inference_mode():
