@@ -312,7 +312,7 @@ def _train_loop(
         result.status, result.message = "failed", f"{type(err).__name__}: {err}"
         raise
     finally:
-        result.wall_seconds = time.perf_counter() - start
+        result.wall_seconds = round(time.perf_counter() - start, 3)  # as stored, so reloads compare equal
         reporter.close()
         if run_path is not None:
             summary = result.summary()
