@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -159,3 +160,10 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a bnlab checkpoint"):
         load_model(tmp_path / "other.pt")
+
+
+def test_files_are_written_with_the_usual_permissions(tmp_path):
+    runs.write_json(tmp_path / "a.json", {"x": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask

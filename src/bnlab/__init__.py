@@ -3,6 +3,8 @@
 from bnlab import BatchNorm2d, build_model, train, TrainConfig
 """
 
+from bnlab.check import check_model
+from bnlab.convert import convert
 from bnlab.data import MNIST, Batches, Split, load_mnist
 from bnlab.errors import BnlabError, CheckpointError, DataError, TrainingDiverged, UsageError
 from bnlab.models import SeedConvNet, build_model, summary
@@ -28,6 +30,8 @@ __all__ = [
     "UsageError",
     "batch_norm",
     "build_model",
+    "check_model",
+    "convert",
     "evaluate",
     "load_mnist",
     "load_model",

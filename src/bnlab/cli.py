@@ -165,6 +165,57 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from bnlab.check import check_model, load_model_spec
+    from bnlab.data import load_mnist
+
+    if str(Path.cwd()) not in sys.path:  # as with `python -m`: MODEL's module may sit in the current folder
+        sys.path.insert(0, str(Path.cwd()))
+    model = load_model_spec(args.model, args.device)
+    report = check_model(model, load_mnist(args.data_dir).test, samples=args.samples)
+    emit = _emit(args)
+    emit(f"bnlab check {args.model} ({type(model).__name__})")
+    emit(report.format())
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    return 1 if report.errors or (args.strict and report.warnings) else 0
+
+
+def cmd_benefits(args: argparse.Namespace) -> int:
+    from bnlab.benefits import run_benefits
+
+    emit = _emit(args)
+    outcome = run_benefits(
+        args.claims,
+        budget=args.budget,
+        seeds=args.seeds,
+        out_dir=args.out,
+        bn=args.bn,
+        data_dir=args.data_dir,
+        device=args.device,
+        log=emit,
+    )
+    emit("")
+    for claim in outcome.claims:
+        emit(f"{claim.number}. {claim.title}: {claim.verdict}. {claim.headline}")
+    emit(
+        f"\nWritten to {outcome.out_dir}: report.md, report.html, results.json, figures ({outcome.wall_seconds:.0f} s)"
+    )
+    if args.json:
+        claims = [{k: c.to_dict()[k] for k in ("claim", "title", "verdict", "headline")} for c in outcome.claims]
+        print(json.dumps({"out_dir": str(outcome.out_dir), "budget": args.budget, "claims": claims}, indent=2))
+    return 0
+
+
+def _claim_list(text: str) -> list[int]:
+    from bnlab.benefits import parse_claims
+
+    try:
+        return parse_claims(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _csv_choices(allowed: Sequence[str]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         items = [item.strip() for item in text.split(",")]
@@ -273,6 +324,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
     common(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "check",
+        help="is batch norm used correctly? findings with fixes, exit 1 if any",
+        description="Check how a model uses batch norm, on MNIST test images; every finding comes with its fix. "
+        "Exit status 0: nothing wrong, 1: an error found (or a warning, with --strict), 2: bad usage.",
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a run directory or checkpoint written by bnlab, or module:factory, a function returning any "
+        "nn.Module (importable from the current folder or PYTHONPATH), in the mode you run inference in",
+    )
+    p.add_argument(
+        "--samples", type=positive_int, default=100, help="test images scored alone and in a batch (default: 100)"
+    )
+    p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    common(p)
+    p.set_defaults(func=cmd_check)
+
+    from bnlab.benefits import BUDGETS, CLAIMS
+
+    p = sub.add_parser(
+        "benefits",
+        help="the seven claimed benefits of batch norm, each put to a paired test, with a report",
+        description="Run one paired experiment per claim (with and without BN, same initial weights and batches, "
+        "several seeds) and write report.md, report.html, results.json and figures. Finished runs are reused.",
+    )
+    p.add_argument(
+        "--claims",
+        type=_claim_list,
+        default=list(CLAIMS),
+        metavar="LIST",
+        help="claims to test, e.g. 1,3-5 (default: all seven)",
+    )
+    p.add_argument(
+        "--budget",
+        choices=list(BUDGETS),
+        default="quick",
+        help="smoke: seconds, for CI; quick: about 7 min on 2 CPU cores; full: about 2 h (default: quick)",
+    )
+    p.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 (default: the budget's, 1/2/5)")
+    p.add_argument("--bn", choices=BN_MODES[1:], default="torch", help="batch norm: torch or manual (default: torch)")
+    p.add_argument("--out", metavar="DIR", default="runs/benefits", help="output folder (default: runs/benefits)")
+    common(p)
+    p.set_defaults(func=cmd_benefits)
     return parser
 
 

@@ -1,0 +1,410 @@
+"""The benefits lab: paired runs, the verdict rule, resuming, the report and the command."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bnlab import benefits, reports
+from bnlab.benefits import (
+    BUDGETS,
+    CLAIMS,
+    VERDICTS,
+    Comparison,
+    Job,
+    Run,
+    RunSpec,
+    RunStore,
+    compare,
+    parse_claims,
+    run_benefits,
+    train_run,
+    verdict,
+)
+from bnlab.cli import main
+from bnlab.data import Batches
+from bnlab.errors import UsageError
+from bnlab.models import ACTIVATIONS, FC_INITS, FCNet, build_net, build_pair
+
+# --- Models -----------------------------------------------------------------------------------------
+
+
+def shared_weights(plain: nn.Module, with_bn: nn.Module) -> list[str]:
+    """Names of the parameters both networks have (every conv and Linear weight; biases where both have one)."""
+    return sorted(set(dict(plain.named_parameters())) & set(dict(with_bn.named_parameters())))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    hidden=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    activation=st.sampled_from(sorted(ACTIVATIONS)),
+    init=st.one_of(st.sampled_from(FC_INITS), st.floats(1e-3, 10.0)),
+    bn=st.sampled_from(["torch", "manual"]),
+)
+def test_mlp_pair_starts_from_identical_shared_weights(seed, hidden, activation, init, bn):
+    plain, with_bn = build_pair("mlp", bn, seed=seed, hidden=hidden, activation=activation, init=init)
+    names = shared_weights(plain, with_bn)
+    assert len([n for n in names if n.endswith("linear.weight")]) == len(hidden)
+    params_plain, params_bn = dict(plain.named_parameters()), dict(with_bn.named_parameters())
+    assert all(torch.equal(params_plain[n], params_bn[n]) for n in names)
+
+
+@pytest.mark.parametrize("bn", ["torch", "manual"])
+def test_convnet_pair_shares_every_kernel_even_where_the_notebook_inits_differ(bn):
+    plain, with_bn = build_pair("convnet", bn, seed=5, depth=4)
+    names = shared_weights(plain, with_bn)
+    assert sum(n.endswith("conv.weight") for n in names) == 4 and "hidden.linear.weight" in names
+    params_plain, params_bn = dict(plain.named_parameters()), dict(with_bn.named_parameters())
+    assert all(torch.equal(params_plain[n], params_bn[n]) for n in names)
+    other = build_pair("convnet", bn, seed=6, depth=4)[0]
+    assert not torch.equal(other.blocks[0].conv.weight, plain.blocks[0].conv.weight)
+
+
+def test_fcnet_structure_bn_before_activation_never_on_logits():
+    model = FCNet("torch", hidden=(8, 6), activation="tanh", dropout=0.25)
+    assert [name for name, _ in model.blocks[0].named_children()] == ["linear", "norm", "act", "dropout"]
+    assert model.blocks[0].linear.bias is None and model.logits.bias is not None
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in model.logits.modules())
+    plain = FCNet("none", hidden=(8, 6))
+    assert [name for name, _ in plain.blocks[1].named_children()] == ["linear", "act"]
+    assert torch.all(plain.blocks[0].linear.bias == 0)
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_fcnet_init_by_standard_deviation_and_bad_options():
+    model = FCNet("none", hidden=(400,), init=0.5, generator=torch.Generator().manual_seed(0))
+    assert model.blocks[0].linear.weight.std().item() == pytest.approx(0.5, rel=0.01)
+    assert model.logits.weight.std().item() == pytest.approx(0.5, rel=0.1)
+    with pytest.raises(UsageError, match="init must be one of"):
+        FCNet(init="orthogonal")
+    with pytest.raises(UsageError, match="standard deviation"):
+        FCNet(init=-1.0)
+    with pytest.raises(UsageError, match="dropout"):
+        FCNet(dropout=1.0)
+
+
+def test_dead_units_are_those_silent_on_every_image():
+    model = FCNet("none", hidden=(4,))
+    with torch.no_grad():
+        model.blocks[0].linear.weight.zero_()
+        model.blocks[0].linear.bias.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+    with benefits._UnitPeaks(benefits._hidden_blocks(model)) as peaks:
+        model(torch.rand(5, 1, 28, 28))
+    assert peaks.dead_fraction() == 0.5  # the units with bias -1 and 0 never output more than zero
+
+
+# --- Runs -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        RunSpec(hidden=(32, 32), dropout=0.3, batches=12, eval_every=4, eval_size=64),
+        RunSpec(family="convnet", depth=3, optimizer="adam", lr=1e-3, batches=3, eval_every=2, eval_size=32),
+    ],
+    ids=["mlp+dropout", "convnet"],
+)
+def test_paired_runs_share_initial_weights_and_batch_order(spec, small_mnist, monkeypatch):
+    streams: list[list[torch.Tensor]] = []
+    initial: list[dict[str, torch.Tensor]] = []
+
+    class RecordingBatches(Batches):
+        def next_indices(self):
+            indices = super().next_indices()
+            if not streams or self is not streams[-1][0]:
+                streams.append([self])
+            streams[-1].append(indices.clone())
+            return indices
+
+    def recording_build_net(*args, **kwargs):
+        model = build_net(*args, **kwargs)
+        initial.append({k: v.clone() for k, v in model.named_parameters()})
+        return model
+
+    monkeypatch.setattr(benefits, "Batches", RecordingBatches)
+    monkeypatch.setattr(benefits, "build_net", recording_build_net)
+    pair = compare(spec, seed=3, data=small_mnist, device="cpu")
+
+    (_, *plain_order), (_, *bn_order) = streams  # each stream: its Batches, then the indices it drew
+    assert len(plain_order) == len(bn_order) == spec.batches
+    assert all(torch.equal(a, b) for a, b in zip(plain_order, bn_order, strict=True))
+    shared = set(initial[0]) & set(initial[1])
+    assert any(name.endswith("weight") for name in shared)
+    assert all(torch.equal(initial[0][name], initial[1][name]) for name in shared)
+    assert (pair.plain.bn, pair.bn.bn) == ("none", "torch")
+    curves = pair.curves()
+    assert [x for x, _ in curves["no BN"]] == [x for x, _ in curves["BN"]] == [p["batch"] for p in pair.bn.points]
+
+
+def test_same_seed_same_run_and_divergence_is_recorded_not_raised(small_mnist):
+    spec = RunSpec(hidden=(16,), dropout=0.2, batches=10, eval_every=5, eval_size=64, train_eval_size=64)
+    first, second = (train_run(spec, "torch", 1, small_mnist) for _ in range(2))
+
+    def untimed(run: Run) -> list[dict]:
+        return [{k: v for k, v in p.items() if k != "seconds"} for p in run.points]
+
+    assert untimed(first) == untimed(second) and first.status == "completed"
+    assert set(first.points[-1]) >= {"train_accuracy", "dead_relu"}
+    blown = train_run(RunSpec(lr=1e6, batches=20, eval_every=5, eval_size=64), "none", 0, small_mnist)
+    assert blown.status == "diverged" and blown.diverged and blown.batches < 20 and blown.final() is None
+
+
+def test_time_budget_stops_the_run(small_mnist):
+    run = train_run(
+        RunSpec(hidden=(16,), batches=10**9, seconds=0.05, eval_every=10**6, eval_size=32), "none", 0, small_mnist
+    )
+    assert 0.05 <= run.train_seconds < 1.0 and run.points[-1]["batch"] == run.batches
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(family="resnet"), "family must be one of"),
+        (dict(optimizer="rmsprop"), "optimizer must be one of"),
+        (dict(lr=0.0), "lr must be a positive number"),
+        (dict(batch_size=1), "batch_size must be at least 2"),
+        (dict(family="convnet", init=0.1), "convnet init must be one of"),
+        (dict(family="convnet", dropout=0.5), "only available in the mlp family"),
+        (dict(train_size=10), "must hold at least one batch"),
+        (dict(bn_momentum=0.0), "bn_momentum"),
+    ],
+)
+def test_bad_run_specs_are_usage_errors(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        RunSpec(**kwargs)
+
+
+# --- Verdicts ---------------------------------------------------------------------------------------
+
+finite = st.floats(-10, 10, allow_nan=False)
+
+
+@given(
+    pairs=st.lists(st.tuples(finite, finite), min_size=1, max_size=6),
+    margin=st.floats(-1, 1),
+    higher=st.booleans(),
+)
+def test_a_seed_is_won_when_the_signed_difference_beats_the_margin(pairs, margin, higher):
+    bn, base = zip(*pairs, strict=True)
+    c = Comparison("x", bn=bn, base=base, higher_is_better=higher, margin=margin)
+    sign = 1 if higher else -1
+    assert c.wins() == [sign * (b - a) > margin for b, a in pairs]
+    flipped = Comparison("x", bn=tuple(-v for v in bn), base=tuple(-v for v in base), higher_is_better=not higher)
+    assert flipped.wins() == Comparison("x", bn=bn, base=base, higher_is_better=higher).wins()
+    expected = "holds" if all(c.wins()) else "fails" if not any(c.wins()) else "inconsistent"
+    assert c.outcome == expected
+
+
+@given(
+    pairs=st.lists(st.tuples(st.floats(0.01, 100), st.floats(0.01, 100)), min_size=1, max_size=6),
+    scale=st.floats(0.1, 10),
+)
+def test_ratio_comparisons_do_not_depend_on_units(pairs, scale):
+    bn, base = zip(*pairs, strict=True)
+    c = Comparison("t", bn=bn, base=base, kind="ratio", higher_is_better=False, margin=1.1)
+    scaled = Comparison("t", bn=tuple(v * scale for v in bn), base=tuple(v * scale for v in base), kind="ratio",
+                        higher_is_better=False, margin=1.1)  # fmt: skip
+    assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(c.effects(), scaled.effects(), strict=True))
+
+
+def test_never_reaching_counts_as_infinitely_late():
+    inf = math.inf
+    c = Comparison(
+        "t", bn=(2.0, inf, 5.0, inf), base=(inf, 3.0, 5.0, inf), kind="ratio", higher_is_better=False, margin=1.0
+    )
+    assert c.wins() == [True, False, False, False]
+    assert Comparison("n", bn=(0.0, 3.0), base=(0.0, 0.0), kind="ratio", margin=1.0).wins() == [False, True]
+
+
+def test_verdict_rule():
+    holds = Comparison("a", bn=(2.0, 2.0), base=(1.0, 1.0))
+    fails = Comparison("b", bn=(1.0, 1.0), base=(1.0, 1.0))
+    split = Comparison("c", bn=(2.0, 1.0), base=(1.0, 1.0))
+    unjudged_fail = Comparison("d", bn=(0.0, 0.0), base=(1.0, 1.0), counts=False)
+    assert verdict([holds, holds, unjudged_fail]) == "supported"
+    assert verdict([fails, fails]) == "not supported"
+    assert verdict([]) == "not supported"
+    assert verdict([holds, fails]) == "mixed"
+    assert verdict([split]) == "mixed"
+
+
+def curve_run(spec: RunSpec, bn: str, seed: int, accuracies: list[float], seconds_per_point: float) -> Run:
+    """A synthetic finished run: an evaluation every 10 batches with the given validation accuracies."""
+    points = [
+        {"batch": 10 * i, "seconds": seconds_per_point * i, "val_loss": 1 - a, "val_accuracy": a}
+        for i, a in enumerate(accuracies)
+    ]
+    n = 10 * (len(accuracies) - 1)
+    return Run(spec, bn, seed, "completed", n, seconds_per_point * (len(accuracies) - 1), points)
+
+
+FAST = [0.1, 0.92, 0.96, 0.975, 0.98]
+SLOW = [0.1, 0.5, 0.8, 0.91, 0.93, 0.955, 0.965, 0.972]
+
+
+@pytest.mark.parametrize(
+    "curves, expected",
+    [
+        ({"mlp": (SLOW, FAST), "convnet": (SLOW, FAST)}, "supported"),
+        ({"mlp": (FAST, FAST), "convnet": (SLOW, SLOW)}, "not supported"),  # same by batch, dearer iterations
+        ({"mlp": (FAST, SLOW), "convnet": (SLOW, SLOW)}, "not supported"),  # BN slower
+        ({"mlp": (SLOW, FAST), "convnet": (FAST, SLOW)}, "mixed"),
+    ],
+)
+def test_claim1_verdict_from_synthetic_curves(curves, expected, tmp_path):
+    lab = benefits._Lab(BUDGETS["smoke"], (0, 1), "torch")
+    experiment = benefits._claim1(lab)
+
+    def lookup(spec: RunSpec, arm: str) -> list[Run]:
+        plain, with_bn = curves[spec.family]
+        # BN iterations cost 20% more: the curves are in batches, the verdict in seconds
+        return [
+            curve_run(spec, arm, s, with_bn if arm != "none" else plain, 1.2 if arm != "none" else 1.0) for s in (0, 1)
+        ]
+
+    result = experiment.analyse(lookup, tmp_path)
+    assert result.verdict == expected
+    assert (tmp_path / "claim1_speed.png").is_file()
+
+
+def test_claim1_does_not_judge_a_threshold_that_neither_arm_reached_in_some_seed(tmp_path):
+    plain, bn_by_seed = [0.1, 0.5, 0.91, 0.955], {0: FAST, 1: [0.1, 0.92, 0.96, 0.965]}  # 97%: BN in seed 0 only
+
+    def lookup(spec: RunSpec, arm: str) -> list[Run]:
+        return [curve_run(spec, arm, s, plain if arm == "none" else bn_by_seed[s], 1.0) for s in (0, 1)]
+
+    result = benefits._claim1(benefits._Lab(BUDGETS["smoke"], (0, 1), "torch")).analyse(lookup, tmp_path)
+    judged = {re.search(r"\d+%", c.name)[0]: c.counts for c in result.comparisons if c.name.startswith("MLP")}
+    assert judged == {"90%": True, "95%": True, "97%": False}
+    assert result.verdict == "supported"
+
+
+def test_parse_claims():
+    assert parse_claims("1,3-5") == [1, 3, 4, 5]
+    assert parse_claims(" 7, 2,2") == [2, 7]
+    for bad in ("9", "0-3", "", "one", "1,,2", "3-", "5-2", "-1"):
+        with pytest.raises(UsageError):
+            parse_claims(bad)
+
+
+# --- Resume, report, command ----------------------------------------------------------------------
+
+
+def run_files(out) -> list:
+    return sorted((out / "runs").glob("*.json"))
+
+
+def test_resume_reuses_finished_runs_and_redoes_a_damaged_one(small_mnist, tmp_path):
+    first = run_benefits([2, 3], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
+    files = run_files(tmp_path)
+    assert first.trained == len(first.runs) == len(files) > 0
+    again = run_benefits([3, 2], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
+    assert again.trained == 0 and [c.verdict for c in again.claims] == [c.verdict for c in first.claims]
+    files[0].write_text(files[0].read_text()[:50])  # a half-written file, as a crash without atomic writes leaves
+    (tmp_path / "runs" / f".{files[1].name}.tmp").write_text("{")  # a leftover temporary file is ignored
+    third = run_benefits([2, 3], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
+    assert third.trained == 1 and json.loads(files[0].read_text())["run"]["seed"] == 0
+
+
+def test_interrupt_loses_only_the_run_in_progress(small_mnist, tmp_path, monkeypatch):
+    calls = []
+
+    def interrupted_on_the_fourth(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return train_run(*args, **kwargs)
+
+    monkeypatch.setattr(benefits, "train_run", interrupted_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        run_benefits([2], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
+    assert len(run_files(tmp_path)) == 3
+    monkeypatch.setattr(benefits, "train_run", train_run)
+    resumed = run_benefits([2], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
+    assert resumed.trained == len(resumed.runs) - 3
+
+
+def test_store_ignores_files_for_other_jobs(tmp_path, small_mnist):
+    store = RunStore(tmp_path)
+    spec = RunSpec(hidden=(8,), batches=2, eval_every=1, eval_size=16)
+    run = train_run(spec, "none", 0, small_mnist)
+    path = store.save(run)
+    assert store.load(Job(spec, "none", 0)) == run
+    other = Job(spec, "none", 1)
+    path.rename(store.path(other))  # a file whose name claims another job
+    assert store.load(other) is None
+
+
+@pytest.fixture(scope="module")
+def smoke_report(small_mnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("benefits")
+    return run_benefits(budget="smoke", out_dir=out, data=small_mnist, device="cpu", log=lambda _: None), out
+
+
+def test_report_files_are_well_formed_and_cover_every_claim(smoke_report):
+    result, out = smoke_report
+    results = json.loads((out / "results.json").read_text())
+    assert [c["claim"] for c in results["claims"]] == sorted(CLAIMS)
+    assert all(c["verdict"] in VERDICTS and c["headline"] and c["rule"] for c in results["claims"])
+    assert len(results["runs"]) == len(result.runs) and all(
+        (out / "runs" / r["file"]).is_file() for r in results["runs"]
+    )
+
+    markdown = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    figures = [name for c in results["claims"] for name in c["figures"]]
+    assert len(figures) >= len(CLAIMS)
+    for number, (title, text) in CLAIMS.items():
+        assert f"## {number}. {title}" in markdown and text in markdown
+        assert f"<h2>{number}. {title}</h2>" in html
+    for name in figures:
+        assert (out / name).read_bytes().startswith(b"\x89PNG") and f"]({name})" in markdown
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(images) == len(figures) and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "http" not in html.replace("http-equiv", "")  # self-contained: nothing to fetch
+    assert html.count("<table>") == html.count("</table>") and html.rstrip().endswith("</html>")
+    assert markdown.count("**Verdict: ") == len(CLAIMS)
+
+
+def test_html_escapes_text_and_keeps_inline_marks(tmp_path):
+    html = reports.render_html([reports.Text("a < b, **bold** and `x<y`")], title="t & u", image_dir=tmp_path)
+    assert (
+        "<p>a &lt; b, <strong>bold</strong> and <code>x&lt;y</code></p>" in html and "<title>t &amp; u</title>" in html
+    )
+
+
+def test_cli_runs_a_claim_and_prints_json(tmp_path, capsys):
+    code = main(["benefits", "--budget", "smoke", "--claims", "3", "--out", str(tmp_path), "--device", "cpu", "--json"])
+    assert code == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert [c["claim"] for c in printed["claims"]] == [3] and printed["claims"][0]["verdict"] in VERDICTS
+    assert "3. Easier initialisation:" in captured.err
+    assert (tmp_path / "report.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--claims", "9"], "argument --claims: there are claims 1 to 7; got '9'"),
+        (["--claims", "1,x"], "argument --claims: claims must be numbers or ranges like 1,3-5"),
+        (["--budget", "huge"], "argument --budget: invalid choice"),
+        (["--seeds", "0"], "argument --seeds: must be >= 1"),
+        (["--bn", "none"], "argument --bn: invalid choice"),
+    ],
+)
+def test_cli_argument_errors_exit_2_with_one_line(args, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benefits", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1
