@@ -37,6 +37,7 @@ FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-sh
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
+_functions: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}  # (name, dtype) -> the typed C function
 _failure: str | None = None
 _enabled = os.environ.get("BNLAB_KERNELS", "1").lower() not in ("0", "false", "no", "off")
 
@@ -109,9 +110,10 @@ def _load() -> ctypes.CDLL | None:
             if library.bn_abi_version() != ABI_VERSION:
                 raise RuntimeError("stale kernel library in the cache; delete ~/.cache/bnlab/kernels")
             for name, argtypes in _SIGNATURES.items():
-                for suffix in ("f32", "f64"):
+                for suffix, dtype in (("f32", torch.float32), ("f64", torch.float64)):
                     fn = getattr(library, f"{name}_{suffix}")
                     fn.argtypes, fn.restype = argtypes, None
+                    _functions[name, dtype] = fn
             _library = library
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _failure = str(err)
@@ -166,7 +168,11 @@ def usable(x: Tensor, *others: Tensor | None) -> bool:
     """Whether the kernels can take x and the per-feature tensors beside it (same dtype, contiguous)."""
     if not _enabled or layout(x) is None or (_library is None and _load() is None):
         return False
-    return all(t is None or (t.dtype == x.dtype and t.device == x.device and t.is_contiguous()) for t in others)
+    dtype, device = x.dtype, x.device
+    for t in others:  # a plain loop: this runs per layer per step
+        if t is not None and (t.dtype != dtype or t.device != device or not t.is_contiguous()):
+            return False
+    return True
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -179,7 +185,7 @@ def _dims(x: Tensor) -> tuple[int, int, int]:
 
 
 def _fn(name: str, x: Tensor):
-    return getattr(_library, f"{name}_{'f32' if x.dtype == torch.float32 else 'f64'}")
+    return _functions[name, x.dtype]
 
 
 def forward_train(
@@ -192,17 +198,22 @@ def forward_train(
     running_var: Tensor | None,
     momentum: float,
     unbiased: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Batch statistics, running-statistics update and normalization in one call: (y, mean, invstd)."""
+) -> tuple[Tensor, Tensor]:
+    """Batch statistics, running-statistics update and normalization in one call.
+
+    Returns (y, stats), stats = float64 [mean (C values), invstd (C values)], as ``backward`` takes it.
+    (One tensor and pointer arithmetic rather than two views: this path runs per layer per step, and
+    on the seed network's 1x1 layers Python overhead is most of its cost.)
+    """
     n, c, s = _dims(x)
     y = torch.empty_like(x)
-    stats = torch.empty(2, c, dtype=torch.float64)  # mean, invstd
+    stats = torch.empty(2 * c, dtype=torch.float64)
+    p = stats.data_ptr()
     _fn("bn_forward_train", x)(
         x.data_ptr(), y.data_ptr(), n, c, s, layout(x), torch.get_num_threads(), _ptr(weight), _ptr(bias),
-        eps, int(relu), _ptr(running_mean), _ptr(running_var), momentum, int(unbiased),
-        stats[0].data_ptr(), stats[1].data_ptr(),
+        eps, int(relu), _ptr(running_mean), _ptr(running_var), momentum, int(unbiased), p, p + 8 * c,
     )  # fmt: skip
-    return y, stats[0], stats[1]
+    return y, stats
 
 
 def normalize(
@@ -222,22 +233,22 @@ def backward(
     x: Tensor,
     dy: Tensor,
     y: Tensor | None,
-    mean: Tensor,
-    invstd: Tensor,
+    stats: Tensor,
     weight: Tensor | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dweight, dbias), each computed only where ``needs`` says; dy must have x's layout.
 
-    dz = dy (masked by y > 0 when y is given), dbias = sum(dz), dweight = sum(dz * xhat),
-    dx = invstd * weight * (dz - sum(dz) / M - xhat * sum(dz * xhat) / M).
+    stats is what ``forward_train`` returned. dz = dy (masked by y > 0 when y is given),
+    dbias = sum(dz), dweight = sum(dz * xhat), dx = invstd * weight * (dz - sum(dz) / M - xhat * sum(dz * xhat) / M).
     """
     n, c, s = _dims(x)
     dx = torch.empty_like(x) if needs[0] else None
     dweight = torch.empty(c, dtype=x.dtype) if needs[1] else None
     dbias = torch.empty(c, dtype=x.dtype) if needs[2] else None
+    p = stats.data_ptr()
     _fn("bn_backward", x)(
         x.data_ptr(), dy.data_ptr(), _ptr(y), _ptr(dx), _ptr(dweight), _ptr(dbias), n, c, s, layout(x),
-        torch.get_num_threads(), mean.data_ptr(), invstd.data_ptr(), _ptr(weight),
+        torch.get_num_threads(), p, p + 8 * c, _ptr(weight),
     )  # fmt: skip
     return dx, dweight, dbias

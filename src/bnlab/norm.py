@@ -121,10 +121,8 @@ class _BatchNormFunction(torch.autograd.Function):
         if fast:
             count = x.numel() // x.shape[1]
             _check_count(x, count)
-            y, mean, invstd = kernels.forward_train(
-                x, weight, bias, eps, relu, running_mean, running_var, momentum, unbiased
-            )
-            shift = None  # the kernels keep the mean in float64: no shift needed
+            y, stats = kernels.forward_train(x, weight, bias, eps, relu, running_mean, running_var, momentum, unbiased)
+            ctx.save_for_backward(x, weight, bias, y if relu else None, stats)
         else:
             shift, mean, var, count = _shifted_moments(x, group)
             _check_count(x, count)
@@ -138,20 +136,21 @@ class _BatchNormFunction(torch.autograd.Function):
             if relu:
                 y.relu_()
             y = y.to(x.dtype)
-        ctx.save_for_backward(x, weight, bias, shift, mean, invstd, y if relu else None)
+            ctx.save_for_backward(x, weight, bias, y if relu else None, shift, mean, invstd)
         ctx.fast, ctx.count, ctx.eps, ctx.relu, ctx.group = fast, count, eps, relu, group
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, bias, shift, mean, invstd, y = ctx.saved_tensors
+        x, weight, bias, y, *stats = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
             grads = _differentiable_backward(ctx, dy, x, weight, bias)
             return (*grads, None, None, None, None, None, None, None)
-        if ctx.fast:
+        if ctx.fast:  # stats: float64 [mean, invstd] from the kernels
             needs = ctx.needs_input_grad
-            grads = kernels.backward(x, _like(dy, x), y, mean, invstd, weight, (needs[0], needs[1], needs[2]))
+            grads = kernels.backward(x, _like(dy, x), y, stats[0], weight, (needs[0], needs[1], needs[2]))
             return (*grads, None, None, None, None, None, None, None)
+        shift, mean, invstd = stats
         acc = mean.dtype
         dz = dy if y is None else dy * (y > 0)
         xhat = (x.to(acc) - _per_feature(shift, x)).sub_(_per_feature(mean, x)).mul_(_per_feature(invstd, x))
