@@ -178,14 +178,18 @@ def _time_to_accuracy(
 
 
 def _throughput(bn: str, fast: bool, data: Any, device: torch.device) -> float:
+    """Test images per second in eval mode (median of 5 passes over the 10,000)."""
     model = build_model(bn, seed=0).to(device).eval()
     if fast:
         model = model.to(memory_format=torch.channels_last)
     with kernels.use_kernels(fast):
         evaluate(model, data.validation)  # warm-up
-        start = time.perf_counter()
-        evaluate(model, data.test)
-        return len(data.test) / (time.perf_counter() - start)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            evaluate(model, data.test)
+            times.append(time.perf_counter() - start)
+        return len(data.test) / statistics.median(times)
 
 
 def measure_mode(
