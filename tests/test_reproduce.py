@@ -39,7 +39,7 @@ def test_network_without_batch_norm_does_not_learn(outcome):
 def test_reports_are_written_and_finished_runs_reused(outcome, mnist):
     out = outcome.out_dir
     table = (out / "table.md").read_text()
-    assert "bnlab BN (tensor ops)" in table and "0.9745" in table
+    assert "bnlab BN (bnlab.BatchNorm2d, TF settings)" in table and "0.9745" in table
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["bn"] for r in rows] == ["none", "torch", "manual"]
     assert json.loads((out / "results.json").read_text())["rows"][2]["notebook_test_accuracy"] == 0.9605

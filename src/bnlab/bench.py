@@ -123,24 +123,47 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _step_times(bn: str, fast: bool, steps: int, data: Any, device: torch.device) -> list[float]:
-    model = build_model(bn, seed=0).to(device)
-    if fast:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_adam(model.parameters(), 0.002, fused=fast)
-    batches = Batches(data.train, 64, seed=0)
-    times = []
-    for _ in range(steps):
-        images, labels = next(batches)
-        start = time.perf_counter()
-        loss = F.binary_cross_entropy_with_logits(model(images), F.one_hot(labels, 10).to(images.dtype))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times[10:]  # the first steps warm caches and allocators
+class Stepper:
+    """Trains the seed network step by step and times each step; levers on or off."""
+
+    def __init__(
+        self,
+        bn: str,
+        data: Any,
+        device: torch.device,
+        channels_last: bool = True,
+        fused_adam: bool = True,
+        compiled_kernels: bool = True,
+    ) -> None:
+        self.model = build_model(bn, seed=0).to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = make_adam(self.model.parameters(), 0.002, fused=fused_adam)
+        self.batches = Batches(data.train, 64, seed=0)
+        self.device = device
+        self.compiled_kernels = compiled_kernels and kernels.available()
+
+    def run(self, steps: int) -> list[float]:
+        """Seconds per step for the next ``steps`` steps."""
+        times = []
+        with kernels.use_kernels(self.compiled_kernels):
+            for _ in range(steps):
+                images, labels = next(self.batches)
+                start = time.perf_counter()
+                logits = self.model(images)
+                loss = F.binary_cross_entropy_with_logits(logits, F.one_hot(labels, 10).to(images.dtype))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        return times
+
+
+def step_times(bn: str, data: Any, device: torch.device, steps: int = 110, **levers: bool) -> list[float]:
+    """Seconds per training step of the seed network (the first 10 steps, warm-up, dropped)."""
+    return Stepper(bn, data, device, **levers).run(steps)[10:]
 
 
 def _time_to_accuracy(
@@ -203,7 +226,7 @@ def measure_mode(
     out: dict[str, Any] = {"bn": bn, "fast": fast, "device": str(device), "threads": torch.get_num_threads()}
     with kernels.use_kernels(fast):
         out["kernels"] = kernels.status() if bn == "manual" else None
-        step = _step_times(bn, fast, steps, data, device)
+        step = step_times(bn, data, device, steps, channels_last=fast, fused_adam=fast, compiled_kernels=fast)
         out["step_ms"] = _stats([t * 1e3 for t in step])
         walls, accuracies = [], []
         for _ in range(runs):

@@ -642,7 +642,8 @@ def _statistics_findings(
             residue_shift = share * mean.abs() / (var + eps).sqrt()
             residue_stretch = 0.5 * torch.log((share + (1 - share) * var + eps) / (var + eps)).abs()
             if _typical(residue_shift, residue_stretch) > STALE_LIMIT:
-                residue = f"momentum {momentum:g} after {count} batches: {share:.0%} is still the initial value"
+                batches = f"{count} batch" if count == 1 else f"{count} batches"
+                residue = f"momentum {momentum:g} after {batches}: {share:.0%} is still the initial value"
                 findings.append(Finding("momentum-too-small", name, f"{residue}; {evidence}"))
                 continue
         findings.append(Finding("stale-stats", name, evidence))

@@ -41,7 +41,7 @@ NOTEBOOK = {
 LABELS = {
     "none": "no BN",
     "torch": "PyTorch BN (nn.BatchNorm2d, TF settings)",
-    "manual": "bnlab BN (tensor ops)",
+    "manual": "bnlab BN (bnlab.BatchNorm2d, TF settings)",
 }
 
 

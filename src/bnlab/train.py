@@ -203,8 +203,8 @@ def train(
     torch.manual_seed(config.seed)  # for anything drawing from the global RNG; init and batches have their own
     data = (data if data is not None else load_mnist(data_dir)).to(device)
     model = build_model(config.bn, seed=config.seed).to(device)
-    if fast:
-        model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU alike
+    if fast:  # faster convolutions; bnlab's kernels take either layout (benchmarks/levers.py)
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_adam(model.parameters(), config.lr, fused=fast)
     batches = Batches(data.train, config.batch_size, seed=config.seed)
 
