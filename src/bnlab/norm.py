@@ -152,7 +152,7 @@ class _BatchNormFunction(torch.autograd.Function):
             return (*grads, None, None, None, None, None, None, None)
         shift, mean, invstd = stats
         acc = mean.dtype
-        dz = dy if y is None else dy * (y > 0)
+        dz = dy if y is None else torch.where(y > 0, dy, 0)  # as ReLU's backward: no inf * 0 = nan
         xhat = (x.to(acc) - _per_feature(shift, x)).sub_(_per_feature(mean, x)).mul_(_per_feature(invstd, x))
         sum_dz = dz.sum(_reduce_dims(x), dtype=acc)
         sum_dz_xhat = (dz * xhat).sum(_reduce_dims(x), dtype=acc)
