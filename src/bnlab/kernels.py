@@ -7,7 +7,8 @@ The library is built once per machine with the system C++ compiler (``$CXX``, el
 or ``clang++``; about a second) into ``$XDG_CACHE_HOME/bnlab/kernels/`` under a name that hashes the
 source, the flags, the compiler and the CPU, so a changed source or another machine rebuilds it.
 Without a compiler, or if the build fails, ``available()`` is False, a warning says why once, and
-bnlab's batch norm uses its tensor-op implementation: same results, slower.
+bnlab's batch norm uses its tensor-op implementation: the same maths, slower (outputs agree to
+float rounding, so a long training run takes a slightly different path).
 
 ``BNLAB_KERNELS=0`` (or ``use_kernels(False)``) turns the kernels off, for debugging or comparison.
 """
@@ -119,7 +120,7 @@ def _load() -> ctypes.CDLL | None:
             _failure = str(err)
             warnings.warn(
                 f"bnlab: compiled batch-norm kernels unavailable ({_failure}); using the tensor-op "
-                "implementation (same results, slower).",
+                "implementation (same maths, slower).",
                 RuntimeWarning,
                 stacklevel=3,
             )
