@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         choices=list(BUDGETS),
         default="quick",
-        help="smoke: seconds, for CI; quick: about 7 min on 2 CPU cores; full: about 2 h (default: quick)",
+        help="smoke: seconds, for CI; quick: about 7 min on 2 CPU cores; full: about 2 h 40 min (default: quick)",
     )
     p.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 (default: the budget's, 1/2/5)")
     p.add_argument("--bn", choices=BN_MODES[1:], default="torch", help="batch norm: torch or manual (default: torch)")
