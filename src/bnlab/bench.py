@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bnlab import kernels, norm, reports
 from bnlab.data import Batches, load_mnist
 from bnlab.models import BN_MODES, build_model
-from bnlab.train import TrainConfig, evaluate, make_adam, train
+from bnlab.train import TrainConfig, evaluate, loss_fn, make_adam, train
 
 _SIZES = [28] * 2 + [14] * 3 + [7] * 3 + [4] * 3 + [2] * 3 + [1] * 5  # spatial size after conv d = 1..19
 SEED_SHAPES = [(64, 4 * d, s, s) for d, s in zip(range(1, 20), _SIZES, strict=True)] + [(64, 100)]
@@ -150,8 +149,7 @@ class Stepper:
             for _ in range(steps):
                 images, labels = next(self.batches)
                 start = time.perf_counter()
-                logits = self.model(images)
-                loss = F.binary_cross_entropy_with_logits(logits, F.one_hot(labels, 10).to(images.dtype))
+                loss = loss_fn("sigmoid", self.model(images), labels)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -173,30 +171,17 @@ def _time_to_accuracy(
 
     Same procedure as the notebook's run, with the validation set scored every 25 batches.
     """
-    model = build_model(bn, seed=0).to(device)
-    if fast:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_adam(model.parameters(), 0.002, fused=fast)
-    batches = Batches(data.train, 64, seed=0)
+    stepper = Stepper(bn, data, device, channels_last=fast, fused_adam=fast, compiled_kernels=fast)
     reached: dict[str, Any] = {f"{t:.2f}": None for t in targets}
     trained = 0.0
-    for batch in range(max_batches):
-        images, labels = next(batches)
-        start = time.perf_counter()
-        loss = F.binary_cross_entropy_with_logits(model(images), F.one_hot(labels, 10).to(images.dtype))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        trained += time.perf_counter() - start
-        if batch % 25 == 24:
-            accuracy = evaluate(model, data.validation)[1]
-            for t in targets:
-                if reached[f"{t:.2f}"] is None and accuracy >= t:
-                    reached[f"{t:.2f}"] = {"seconds": round(trained, 3), "batches": batch + 1}
-            if all(v is not None for v in reached.values()):
-                break
+    for batches in range(25, max_batches + 1, 25):
+        trained += sum(stepper.run(25))
+        accuracy = evaluate(stepper.model, data.validation)[1]
+        for t in targets:
+            if reached[f"{t:.2f}"] is None and accuracy >= t:
+                reached[f"{t:.2f}"] = {"seconds": round(trained, 3), "batches": batches}
+        if all(v is not None for v in reached.values()):
+            break
     return reached
 
 

@@ -278,7 +278,6 @@ class FCNet(nn.Module):
             in_features=in_features,
             num_classes=num_classes,
         )
-        self.init = init
         use_bn = bn != "none"
         fuse = bn == "manual" and activation == "relu"
         blocks, features = [], in_features
@@ -300,8 +299,8 @@ class FCNet(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for block in self.blocks:
-            init_linear(block.linear.weight, self.init, generator)
-        init_linear(self.logits.weight, self.init, generator)
+            init_linear(block.linear.weight, self.hparams["init"], generator)
+        init_linear(self.logits.weight, self.hparams["init"], generator)
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
