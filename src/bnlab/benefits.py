@@ -31,7 +31,7 @@ from bnlab import reports, runs
 from bnlab.data import MNIST, VALIDATION_SIZE, Batches, Split, load_mnist
 from bnlab.errors import UsageError
 from bnlab.models import ACTIVATIONS, BN_MODES, FAMILIES, FC_INITS, SeedConvNet, build_net, check_choice
-from bnlab.train import LOSSES, evaluate, loss_fn, resolve_device
+from bnlab.train import LOSSES, evaluate, loss_fn, make_adam, resolve_device
 
 OPTIMIZERS = ("sgd", "adam")
 CONV_INITS = ("glorot_uniform", "truncated_normal")
@@ -199,8 +199,9 @@ class _UnitPeaks:
 
 
 def _measure(
-    model: nn.Module, spec: RunSpec, step: int, clock: float, val: Split, train_probe: Split | None, relu: bool
+    model: nn.Module, spec: RunSpec, step: int, clock: float, val: Split, train_probe: Split | None
 ) -> dict[str, float]:
+    relu = spec.activation == "relu"
     peaks = _UnitPeaks(_hidden_blocks(model) if relu else [])
     with peaks:
         val_loss, val_accuracy = evaluate(model, val, spec.loss)
@@ -213,8 +214,8 @@ def _measure(
 
 
 def _optimizer(spec: RunSpec, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    if spec.optimizer == "adam":  # the fused kernel is faster, on the CPU too
-        return torch.optim.Adam(model.parameters(), lr=spec.lr, fused=device.type in ("cpu", "cuda"))
+    if spec.optimizer == "adam":  # PyTorch's default betas and eps; fused, faster on the CPU too
+        return make_adam(model.parameters(), spec.lr)
     return torch.optim.SGD(model.parameters(), lr=spec.lr)
 
 
@@ -240,9 +241,8 @@ def train_run(spec: RunSpec, bn: str, seed: int, data: MNIST, device: str | torc
     batches = Batches(train, spec.batch_size, seed)
     val = _head(data.validation, spec.eval_size)
     train_probe = _head(train, spec.train_eval_size) if spec.train_eval_size else None
-    relu = spec.activation == "relu"
 
-    points = [_measure(model, spec, 0, 0.0, val, train_probe, relu)]
+    points = [_measure(model, spec, 0, 0.0, val, train_probe)]
     clock, step, status = 0.0, 0, "completed"
     model.train()
     while step < spec.batches:
@@ -261,7 +261,7 @@ def train_run(spec: RunSpec, bn: str, seed: int, data: MNIST, device: str | torc
         step += 1
         out_of_time = spec.seconds is not None and clock >= spec.seconds
         if step % spec.eval_every == 0 or step == spec.batches or out_of_time:
-            point = _measure(model, spec, step, clock, val, train_probe, relu)
+            point = _measure(model, spec, step, clock, val, train_probe)
             if not math.isfinite(point["val_loss"]):  # weights overflowed between two loss checks
                 status = "diverged"
                 break
@@ -884,13 +884,7 @@ def _claim2(lab: _Lab) -> Experiment:
         comparisons, rows, panels, heads = [], [], [], []
         for opt, (_, lrs) in grids.items():
             at = {label: [_arms(lab, get, specs[opt, lr])[label] for lr in lrs] for label in ("no BN", "BN")}
-            largest = {
-                label: [
-                    max((lr for lr, rs in zip(lrs, per_lr, strict=True) if _usable(rs[i])), default=0.0)
-                    for i in range(len(lab.seeds))
-                ]
-                for label, per_lr in at.items()
-            }
+            largest = {label: _largest_usable(lrs, per_lr, len(lab.seeds)) for label, per_lr in at.items()}
             comparisons.append(
                 Comparison(
                     f"largest usable learning rate, {opt}",
@@ -956,6 +950,14 @@ def _grid_experiment(
 
 def _count_usable(per_value: list[list[Run]], seeds: int) -> list[float]:
     return [float(sum(_usable(rs[i]) for rs in per_value)) for i in range(seeds)]
+
+
+def _largest_usable(values: Sequence[float], per_value: list[list[Run]], seeds: int) -> list[float]:
+    """Per seed, the largest of ``values`` whose run is usable (0 when none is)."""
+    return [
+        float(max((v for v, rs in zip(values, per_value, strict=True) if _usable(rs[i])), default=0))
+        for i in range(seeds)
+    ]
 
 
 def _recipe_rows(labels: Sequence[str], runs: dict[str, dict[str, list[list[Run]]]]) -> list[tuple[str, ...]]:
@@ -1135,13 +1137,7 @@ def _claim5(lab: _Lab) -> Experiment:
         runs_, n = collect(get), len(lab.seeds)
         comparisons, heads, panels = [], [], []
         for opt, at in runs_.items():
-            deepest = {
-                label: [
-                    float(max((d for d, rs in zip(depths, per_d, strict=True) if _usable(rs[i])), default=0))
-                    for i in range(n)
-                ]
-                for label, per_d in at.items()
-            }
+            deepest = {label: _largest_usable(depths, per_d, n) for label, per_d in at.items()}
             comparisons.append(
                 Comparison(
                     f"deepest usable network (hidden layers), {opt}",
@@ -1408,6 +1404,10 @@ class BenefitsResult:
     trained: int
     wall_seconds: float
 
+    def threads(self) -> list[int]:
+        """The thread counts the runs were trained with (reused runs keep theirs)."""
+        return sorted({run.threads for run in self.runs.values()})
+
     def to_dict(self) -> dict[str, Any]:
         store = RunStore(self.out_dir / "runs", torch.device(self.device).type)
         return {
@@ -1415,7 +1415,7 @@ class BenefitsResult:
             "seeds": list(self.seeds),
             "bn": self.bn,
             "device": self.device,
-            "threads": torch.get_num_threads(),
+            "threads": self.threads(),
             "runs_trained": self.trained,
             "runs_reused": len(self.runs) - self.trained,
             "wall_seconds": round(self.wall_seconds, 1),
@@ -1548,7 +1548,8 @@ def report_blocks(result: BenefitsResult) -> list[reports.Block]:
             f"momentum {PAPER_MLP.bn_momentum:g}) from the same initial weights, on the same batches in the same "
             f"order. Budget "
             f"**{b.name}**, {len(result.seeds)} seed(s) ({', '.join(map(str, result.seeds))}), on {result.device} "
-            f"with {torch.get_num_threads()} thread(s): {len(result.runs)} runs ({result.trained} trained now, "
+            f"with {'/'.join(map(str, result.threads()))} thread(s): {len(result.runs)} runs "
+            f"({result.trained} trained now, "
             f"{len(result.runs) - result.trained} reused) in {result.wall_seconds:.0f} s; their training steps "
             f"took {sum(r.train_seconds for r in result.runs.values()) / 60:.1f} min in all. Accuracy is validation "
             "accuracy in eval mode on MNIST's 5,000 validation images"
