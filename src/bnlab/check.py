@@ -324,7 +324,7 @@ def check_model(
     inputs, labels = (data.images, data.labels) if isinstance(data, Split) else (data, None)
     if len(inputs) < 2:
         raise UsageError(f"check_model needs at least 2 inputs, got {len(inputs)}")
-    inputs = _to_model(inputs, model)
+    inputs = _to_model(inputs[: max(samples, stats_samples)], model)  # only these are ever scored
     layers = batch_norm_layers(model)
     report = Report(
         layers=[name for name, _ in layers],
@@ -334,7 +334,7 @@ def check_model(
     )
     # Layers whose statistics are missing or already known wrong are not compared with the data.
     settled = {f.layer for f in report.findings if f.code in ("no-running-stats", "nonfinite-stats", "stats-at-init")}
-    with torch.no_grad(), _unchanged(model, layers):
+    with torch.no_grad(), _unchanged(model):
         x = inputs[: report.samples]
         y = None if labels is None else labels[: report.samples].to(x.device)
         report.findings += _scoring_findings(model, layers, x, y)
@@ -380,11 +380,10 @@ def _layer_findings(layers: list[tuple[str, nn.Module]]) -> list[Finding]:
 
 
 @contextmanager
-def _unchanged(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> Iterator[None]:
-    """Probe the model itself, then put back every module's mode, every buffer and the BN settings."""
+def _unchanged(model: nn.Module) -> Iterator[None]:
+    """Probe the model itself, then put back every module's mode and every buffer."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(m, name, b, b.clone()) for m in model.modules() for name, b in m.named_buffers(recurse=False)]
-    settings = [(layer, layer.momentum, getattr(layer, "process_group", None)) for _, layer in layers]
     try:
         yield
     finally:
@@ -393,10 +392,6 @@ def _unchanged(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> Iterato
         for m, name, original, saved in buffers:
             setattr(m, name, original)
             original.copy_(saved)
-        for layer, momentum, process_group in settings:
-            layer.momentum = momentum
-            if isinstance(layer, norm._BatchNorm):
-                layer.process_group = process_group
 
 
 def _scoring_findings(
@@ -567,15 +562,17 @@ def _reestimate(
     """
     within = {name: _WithinSample() for name, layer in layers if layer.running_mean is not None}
     handles = [layer.register_forward_pre_hook(within[name]) for name, layer in layers if name in within]
-    for _, layer in layers:
-        if isinstance(layer, norm._BatchNorm):
-            layer.process_group = None
+    groups = [(layer, layer.process_group) for _, layer in layers if isinstance(layer, norm._BatchNorm)]
+    for layer, _ in groups:
+        layer.process_group = None
     usable = len(inputs) - len(inputs) % batch_size if len(inputs) >= batch_size else len(inputs)
     try:
         recompute_statistics(model, (inputs[start : start + batch_size] for start in range(0, usable, batch_size)))
     finally:
         for handle in handles:
             handle.remove()
+        for layer, group in groups:
+            layer.process_group = group
     estimates = {}
     for name, layer in layers:
         if name in within and within[name].samples:  # skips layers the forward pass never reached

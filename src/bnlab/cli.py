@@ -142,8 +142,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from bnlab import bench, runs
 
     emit = _emit(args)
-    emit(f"Machine: {bench.describe_machine()}")
-    out: dict = {"machine": bench.describe_machine()}
+    machine = bench.describe_machine()
+    emit(f"Machine: {machine}")
+    out: dict = {"machine": machine}
     if args.what in ("layer", "all"):
         timings = bench.layer_benchmark(repeats=args.repeats)
         emit("\nBatch-norm layer, forward + backward (median microseconds):\n" + bench.layer_table(timings))
@@ -167,12 +168,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from bnlab.check import check_model, load_model_spec
-    from bnlab.data import load_mnist
 
     if str(Path.cwd()) not in sys.path:  # as with `python -m`: MODEL's module may sit in the current folder
         sys.path.insert(0, str(Path.cwd()))
     model = load_model_spec(args.model, args.device)
-    report = check_model(model, load_mnist(args.data_dir).test, samples=args.samples)
+    report = check_model(model, samples=args.samples, data_dir=args.data_dir)
     emit = _emit(args)
     emit(f"bnlab check {args.model} ({type(model).__name__})")
     emit(report.format())
