@@ -13,8 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bnlab import benefits, reports
-from bnlab.benefits import (
+from bnlab import reports
+from bnlab.cli import main
+from bnlab.data import Batches
+from bnlab.errors import UsageError
+from bnlab.lab import benefits
+from bnlab.lab.benefits import (
     BUDGETS,
     CLAIMS,
     VERDICTS,
@@ -29,9 +33,6 @@ from bnlab.benefits import (
     train_run,
     verdict,
 )
-from bnlab.cli import main
-from bnlab.data import Batches
-from bnlab.errors import UsageError
 from bnlab.models import ACTIVATIONS, FC_INITS, FCNet, build_net, build_pair
 
 # --- Models -----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from bnlab.check import RULES, check_model, load_model_spec, recompute_statistic
 from bnlab.cli import main
 from bnlab.data import Batches, Split
 from bnlab.errors import BnlabError, UsageError
-from bnlab.train import TrainConfig, load_model, train
+from bnlab.training.loop import TrainConfig, load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,7 +225,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnlab.train import load_model
+from bnlab.training.loop import load_model
 
 HERE = Path(__file__).parent
 NOT_CALLABLE = 3

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from bnlab import norm
-from bnlab.convert import convert
 from bnlab.data import Batches
 from bnlab.errors import UsageError
 from bnlab.models import build_model
-from bnlab.train import loss_fn
+from bnlab.nn import batchnorm as norm
+from bnlab.nn.convert import convert
+from bnlab.training.loop import loss_fn
 
 TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from bnlab import kernels, norm
+from bnlab import kernels
+from bnlab.nn import batchnorm as norm
 
 
 @pytest.fixture

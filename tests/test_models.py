@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from bnlab import norm
 from bnlab.errors import UsageError
 from bnlab.models import SameConv2d, build_model, same_padding, summary
+from bnlab.nn import batchnorm as norm
 
 
 @pytest.mark.parametrize("bn", ["none", "torch", "manual"])

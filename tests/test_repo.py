@@ -50,6 +50,6 @@ def test_wheel_ships_every_non_python_file():
         for p in package.rglob("*")
         if p.is_file() and p.suffix not in {".py", ".pyc"} and "__pycache__" not in p.parts
     ]
-    assert data_files, "expected the kernel source under src/bnlab/csrc"
+    assert data_files, "expected the kernel source under src/bnlab/kernels"
     unshipped = [f for f in data_files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
     assert not unshipped, f"add these to [tool.setuptools.package-data] in pyproject.toml: {unshipped}"

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from bnlab.experiments import reproduce
+from bnlab.lab.reproduce import reproduce
 
 pytestmark = pytest.mark.slow
 

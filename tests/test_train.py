@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-from bnlab import runs
 from bnlab.data import MNIST, Split
 from bnlab.errors import CheckpointError, TrainingDiverged, UsageError
-from bnlab.train import TrainConfig, evaluate, load_model, load_run, loss_fn, one_at_a_time_accuracy, train
+from bnlab.training import runs
+from bnlab.training.loop import TrainConfig, evaluate, load_model, load_run, loss_fn, one_at_a_time_accuracy, train
 
 SHORT = dict(batches=30, validation_every=10, log_every=5, one_at_a_time=20)
 

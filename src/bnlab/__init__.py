@@ -4,12 +4,12 @@ from bnlab import BatchNorm2d, build_model, train, TrainConfig
 """
 
 from bnlab.check import check_model
-from bnlab.convert import convert
 from bnlab.data import MNIST, Batches, Split, load_mnist
 from bnlab.errors import BnlabError, CheckpointError, DataError, TrainingDiverged, UsageError
 from bnlab.models import SeedConvNet, build_model, summary
-from bnlab.norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
-from bnlab.train import RunResult, TrainConfig, evaluate, load_model, one_at_a_time_accuracy, train
+from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from bnlab.nn.convert import convert
+from bnlab.training.loop import RunResult, TrainConfig, evaluate, load_model, one_at_a_time_accuracy, train
 
 __version__ = "0.1.0"
 

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnlab import kernels, norm, reports
+from bnlab import kernels, reports
 from bnlab.data import Batches, load_mnist
 from bnlab.models import BN_MODES, build_model
-from bnlab.train import TrainConfig, evaluate, loss_fn, make_adam, train
+from bnlab.nn import batchnorm as norm
+from bnlab.training.loop import TrainConfig, evaluate, loss_fn, make_adam, train
 
 _SIZES = [28] * 2 + [14] * 3 + [7] * 3 + [4] * 3 + [2] * 3 + [1] * 5  # spatial size after conv d = 1..19
 SEED_SHAPES = [(64, 4 * d, s, s) for d, s in zip(range(1, 20), _SIZES, strict=True)] + [(64, 100)]
@@ -204,7 +205,7 @@ def measure_mode(
     bn: str, fast: bool, runs: int, steps: int, device_name: str = "auto", data_dir: str | None = None
 ) -> dict[str, Any]:
     """Everything ``training_benchmark`` reports for one mode and path (run in a fresh process)."""
-    from bnlab.train import resolve_device
+    from bnlab.training.loop import resolve_device
 
     device = resolve_device(device_name)
     data = load_mnist(data_dir).to(device)

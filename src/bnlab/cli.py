@@ -54,7 +54,7 @@ def _emit(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from bnlab.train import TrainConfig, train
+    from bnlab.training.loop import TrainConfig, train
 
     config = TrainConfig(
         bn=args.bn, batches=args.batches, batch_size=args.batch_size, lr=args.lr, loss=args.loss, seed=args.seed
@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bnlab.data import load_mnist
-    from bnlab.train import evaluate, load_model, one_at_a_time_accuracy, resolve_device
+    from bnlab.training.loop import evaluate, load_model, one_at_a_time_accuracy, resolve_device
 
     device = resolve_device(args.device)
     model, payload = load_model(args.checkpoint, device)
@@ -110,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from bnlab.experiments import reproduce, reproduce_table
+    from bnlab.lab.reproduce import reproduce, reproduce_table
 
     emit = _emit(args)
     outcome = reproduce(
@@ -139,7 +139,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bnlab import bench, runs
+    from bnlab import bench
+    from bnlab.training import runs
 
     emit = _emit(args)
     machine = bench.describe_machine()
@@ -182,7 +183,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_benefits(args: argparse.Namespace) -> int:
-    from bnlab.benefits import run_benefits
+    from bnlab.lab.benefits import run_benefits
 
     emit = _emit(args)
     outcome = run_benefits(
@@ -208,7 +209,7 @@ def cmd_benefits(args: argparse.Namespace) -> int:
 
 
 def _claim_list(text: str) -> list[int]:
-    from bnlab.benefits import parse_claims
+    from bnlab.lab.benefits import parse_claims
 
     try:
         return parse_claims(text)
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_check)
 
-    from bnlab.benefits import BUDGETS, CLAIMS
+    from bnlab.lab.benefits import BUDGETS, CLAIMS
 
     p = sub.add_parser(
         "benefits",

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlab import norm
 from bnlab.errors import UsageError
+from bnlab.nn import batchnorm as norm
 
 BN_MODES = ("none", "torch", "manual")
 INITS = ("auto", "glorot_uniform", "truncated_normal")

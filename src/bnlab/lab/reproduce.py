@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnlab import reports, runs
+from bnlab import reports
 from bnlab.data import MNIST, load_mnist
 from bnlab.errors import UsageError
 from bnlab.models import BN_MODES
-from bnlab.train import RunResult, TrainConfig, load_run, resolve_device, train
+from bnlab.training import runs
+from bnlab.training.loop import RunResult, TrainConfig, load_run, resolve_device, train
 
 
 @dataclass(frozen=True)

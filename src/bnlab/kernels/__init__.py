@@ -1,4 +1,4 @@
-"""bnlab's compiled CPU batch-norm kernels (``csrc/batch_norm.cpp``), built on first use.
+"""bnlab's compiled CPU batch-norm kernels (``batch_norm.cpp``), built on first use.
 
 The kernels compute exactly what ``norm.py`` writes with tensor ops, in fewer passes over memory
 and with ReLU fused in. They take float32/float64 CPU tensors, contiguous or channels_last.
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 ABI_VERSION = 1
-SOURCE = Path(__file__).with_name("csrc") / "batch_norm.cpp"
+SOURCE = Path(__file__).with_name("batch_norm.cpp")
 # -fno-trapping-math lets masked (ReLU) loops vectorize as blends; bnlab never reads FP exception flags.
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 

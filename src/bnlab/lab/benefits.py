@@ -27,11 +27,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from bnlab import reports, runs
+from bnlab import reports
 from bnlab.data import MNIST, VALIDATION_SIZE, Batches, Split, load_mnist
 from bnlab.errors import UsageError
 from bnlab.models import ACTIVATIONS, BN_MODES, FAMILIES, FC_INITS, SeedConvNet, build_net, check_choice
-from bnlab.train import LOSSES, evaluate, loss_fn, make_adam, resolve_device
+from bnlab.training import runs
+from bnlab.training.loop import LOSSES, evaluate, loss_fn, make_adam, resolve_device
 
 OPTIMIZERS = ("sgd", "adam")
 CONV_INITS = ("glorot_uniform", "truncated_normal")

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from bnlab import kernels, runs
+from bnlab import kernels
 from bnlab.data import MNIST, Batches, Split, load_mnist
 from bnlab.errors import TrainingDiverged, UsageError
 from bnlab.models import BN_MODES, SeedConvNet, build_model, check_choice
+from bnlab.training import runs
 
 LOSSES = ("sigmoid", "softmax")
 STATUSES = ("running", "completed", "diverged", "interrupted", "failed")

@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from bnlab import norm
 from bnlab.data import Split, load_mnist
 from bnlab.errors import BnlabError, UsageError
+from bnlab.nn import batchnorm as norm
 
 __all__ = [
     "RULES",
@@ -670,7 +670,7 @@ def load_model_spec(spec: str, device: str | torch.device = "cpu") -> nn.Module:
     A checkpoint gives the seed ConvNet in eval mode; ``module:factory`` imports ``module`` (it must
     be importable) and calls ``factory()`` with no arguments; the model keeps the mode it returns in.
     """
-    from bnlab.train import load_model, resolve_device
+    from bnlab.training.loop import load_model, resolve_device
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     if Path(spec).exists():

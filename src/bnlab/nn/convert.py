@@ -42,8 +42,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from bnlab import norm
 from bnlab.errors import UsageError
+from bnlab.nn import batchnorm as norm
 
 __all__ = ["TARGETS", "convert"]
 

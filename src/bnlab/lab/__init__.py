@@ -1,0 +1,1 @@
+"""Experiments: the notebook's reproduction and the benefits lab."""

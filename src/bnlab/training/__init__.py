@@ -1,0 +1,1 @@
+"""The training core: configuration, the one training loop, evaluation and the run store."""
