@@ -27,12 +27,15 @@ from bnlab.lab.benefits import (
     Run,
     RunSpec,
     RunStore,
+    claim1_speed,
     compare,
     parse_claims,
     run_benefits,
+    runs,
     train_run,
     verdict,
 )
+from bnlab.lab.benefits.arms import Lab
 from bnlab.models import ACTIVATIONS, FC_INITS, FCNet, build_net, build_pair
 
 # --- Models -----------------------------------------------------------------------------------------
@@ -98,7 +101,7 @@ def test_dead_units_are_those_silent_on_every_image():
     with torch.no_grad():
         model.blocks[0].linear.weight.zero_()
         model.blocks[0].linear.bias.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
-    with benefits._UnitPeaks(benefits._hidden_blocks(model)) as peaks:
+    with runs._UnitPeaks(runs._hidden_blocks(model)) as peaks:
         model(torch.rand(5, 1, 28, 28))
     assert peaks.dead_fraction() == 0.5  # the units with bias -1 and 0 never output more than zero
 
@@ -131,8 +134,8 @@ def test_paired_runs_share_initial_weights_and_batch_order(spec, small_mnist, mo
         initial.append({k: v.clone() for k, v in model.named_parameters()})
         return model
 
-    monkeypatch.setattr(benefits, "Batches", RecordingBatches)
-    monkeypatch.setattr(benefits, "build_net", recording_build_net)
+    monkeypatch.setattr(runs, "Batches", RecordingBatches)
+    monkeypatch.setattr(runs, "build_net", recording_build_net)
     pair = compare(spec, seed=3, data=small_mnist, device="cpu")
 
     (_, *plain_order), (_, *bn_order) = streams  # each stream: its Batches, then the indices it drew
@@ -262,8 +265,8 @@ SLOW = [0.1, 0.5, 0.8, 0.91, 0.93, 0.955, 0.965, 0.972]
     ],
 )
 def test_claim1_verdict_from_synthetic_curves(curves, expected, tmp_path):
-    lab = benefits._Lab(BUDGETS["smoke"], (0, 1), "torch")
-    experiment = benefits._claim1(lab)
+    lab = Lab(BUDGETS["smoke"], (0, 1), "torch")
+    experiment = claim1_speed.experiment(lab)
 
     def lookup(spec: RunSpec, arm: str) -> list[Run]:
         plain, with_bn = curves[spec.family]
@@ -283,7 +286,7 @@ def test_claim1_does_not_judge_a_threshold_that_neither_arm_reached_in_some_seed
     def lookup(spec: RunSpec, arm: str) -> list[Run]:
         return [curve_run(spec, arm, s, plain if arm == "none" else bn_by_seed[s], 1.0) for s in (0, 1)]
 
-    result = benefits._claim1(benefits._Lab(BUDGETS["smoke"], (0, 1), "torch")).analyse(lookup, tmp_path)
+    result = claim1_speed.experiment(Lab(BUDGETS["smoke"], (0, 1), "torch")).analyse(lookup, tmp_path)
     judged = {re.search(r"\d+%", c.name)[0]: c.counts for c in result.comparisons if c.name.startswith("MLP")}
     assert judged == {"90%": True, "95%": True, "97%": False}
     assert result.verdict == "supported"

@@ -1,0 +1,175 @@
+"""The lab's result and its report: report.md, a self-contained report.html and results.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnlab import reports
+from bnlab.data import VALIDATION_SIZE
+from bnlab.lab.benefits.arms import WITH_BN
+from bnlab.lab.benefits.budgets import Budget
+from bnlab.lab.benefits.evidence import ClaimResult
+from bnlab.lab.benefits.networks import PAPER_MLP
+from bnlab.lab.benefits.runs import Job, Run, RunStore, finite_or_none
+from bnlab.lab.benefits.sweeps import USABLE_ACCURACY
+from bnlab.lab.benefits.verdicts import ACCURACY_MARGIN, DEAD_MARGIN, SPEEDUP_MARGIN, Comparison
+from bnlab.training.runs import atomic_write_bytes
+
+TONES = {"supported": "good", "not supported": "bad", "mixed": "mixed"}
+BN_NAMES = {"torch": "PyTorch's `nn.BatchNorm1d/2d`", "manual": "bnlab's own `BatchNorm1d/2d`"}
+
+
+@dataclass
+class BenefitsResult:
+    """Everything one lab run leaves: each claim's evidence and every run it was drawn from."""
+
+    claims: list[ClaimResult]
+    out_dir: Path
+    budget: Budget
+    seeds: tuple[int, ...]
+    bn: str
+    device: str
+    runs: dict[Job, Run]
+    trained: int
+    wall_seconds: float
+
+    def threads(self) -> list[int]:
+        """The thread counts the runs were trained with (reused runs keep theirs)."""
+        return sorted({run.threads for run in self.runs.values()})
+
+    def to_dict(self) -> dict[str, Any]:
+        store = RunStore(self.out_dir / "runs", torch.device(self.device).type)
+        return {
+            "budget": self.budget.name,
+            "seeds": list(self.seeds),
+            "bn": self.bn,
+            "device": self.device,
+            "threads": self.threads(),
+            "runs_trained": self.trained,
+            "runs_reused": len(self.runs) - self.trained,
+            "wall_seconds": round(self.wall_seconds, 1),
+            "claims": [c.to_dict() for c in self.claims],
+            "runs": [
+                {
+                    "file": store.path(job).name,
+                    "spec": job.spec.to_dict(),
+                    "bn": job.bn,
+                    "seed": job.seed,
+                    "status": run.status,
+                    "batches": run.batches,
+                    "train_seconds": round(run.train_seconds, 3),
+                    "final_val_accuracy": run.final(),
+                }
+                for job, run in self.runs.items()
+            ],
+        }
+
+
+def number_text(value: float) -> str:
+    """A compared value, to four significant figures; infinity (never reached) and NaN (not measurable) in words."""
+    return "∞" if value == math.inf else "n/a" if math.isnan(value) else f"{value:.4g}"
+
+
+def effect_text(comparison: Comparison, value: float) -> str:
+    """One seed's effect: a ratio as '1.3x', a difference with its sign."""
+    if math.isnan(value):
+        return "n/a"
+    return f"{number_text(value)}x" if comparison.kind == "ratio" else f"{value:+.4g}"
+
+
+def report_blocks(result: BenefitsResult) -> list[reports.Block]:
+    budget = result.budget
+    verdict_rows = [(f"{c.number}. {c.claim}", f"**{c.verdict}**", c.headline) for c in result.claims]
+    blocks: list[reports.Block] = [
+        reports.Heading("Batch norm: the seven claims, measured", 1),
+        reports.Text(
+            f"Each claim is tested by paired runs: every network is trained without and with batch norm "
+            f"({BN_NAMES[result.bn]} before each hidden activation, never on the logits; running-statistics "
+            f"momentum {PAPER_MLP.bn_momentum:g}) from the same initial weights, on the same batches in the same "
+            f"order. Budget "
+            f"**{budget.name}**, {len(result.seeds)} seed(s) ({', '.join(map(str, result.seeds))}), on {result.device} "
+            f"with {'/'.join(map(str, result.threads()))} thread(s): {len(result.runs)} runs "
+            f"({result.trained} trained now, "
+            f"{len(result.runs) - result.trained} reused) in {result.wall_seconds:.0f} s; their training steps "
+            f"took {sum(r.train_seconds for r in result.runs.values()) / 60:.1f} min in all. Accuracy is validation "
+            "accuracy in eval mode on MNIST's 5,000 validation images"
+            + (
+                "."
+                if budget.conv_eval_size >= VALIDATION_SIZE
+                else f" (ConvNets: the first {budget.conv_eval_size}, to keep evaluation from dominating the cost)."
+            )
+        ),
+        reports.Table(("claim", "verdict", "headline"), tuple(verdict_rows)),
+        reports.Heading("How a verdict is reached"),
+        reports.Text(
+            "Each experiment measures one or more quantities per seed in both arms (a *comparison*). BN **wins** a "
+            "seed when its effect (BN minus baseline, or their ratio, turned round where lower is better) exceeds "
+            "the comparison's margin. A comparison **holds** when BN wins every seed, **fails** when it wins none, "
+            "and is **inconsistent** otherwise. The claim is **supported** when every judged comparison holds, "
+            "**not supported** when every one fails, and **mixed** otherwise."
+        ),
+        reports.Bullets(
+            (
+                f"Usable run: not diverged, final validation accuracy at least {USABLE_ACCURACY:.0%}.",
+                f"Accuracy margin: {ACCURACY_MARGIN:g} (10 of 5,000 validation images).",
+                f"Speed margin: {SPEEDUP_MARGIN:g}x (at least 10% sooner). Dead-unit margin: {DEAD_MARGIN:g}.",
+                "Diverged: the training loss became NaN or infinite; the run stopped there.",
+            )
+        ),
+    ]
+    for claim in result.claims:
+        blocks += [
+            reports.Heading(f"{claim.number}. {claim.title}"),
+            reports.Text(f"**Claim:** {claim.claim}"),
+            reports.Text(f"**What was run.** {claim.setup}"),
+            *claim.figures,
+        ]
+        for caption, table in claim.tables:
+            blocks += [reports.Text(f"*{caption}.*"), table]
+        rows = [
+            (
+                c.name + ("" if c.counts else " (reported, not judged)"),
+                ", ".join(map(number_text, c.base)) + f" ({c.baseline})",
+                ", ".join(map(number_text, c.bn)),
+                ", ".join(effect_text(c, e) for e in c.effects()),
+                c.requirement(),
+                f"{sum(c.wins())}/{len(c.wins())}",
+                c.outcome,
+            )
+            for c in claim.comparisons
+        ]
+        if rows:
+            headers = ("comparison", "baseline", WITH_BN, "effect", "BN wins a seed when", "wins", "outcome")
+            blocks += [reports.Text("*Comparisons, seed by seed.*"), reports.Table(headers, tuple(rows))]
+        else:
+            blocks.append(reports.Text("*Nothing to compare: no run produced a value this claim is judged on.*"))
+        blocks += [
+            reports.Text(f"**Rule.** {claim.rule}"),
+            reports.Callout(f"**Verdict: {claim.verdict}.** {claim.headline}.", TONES[claim.verdict]),
+            *(reports.Text(note) for note in claim.notes),
+        ]
+    claims = ",".join(str(c.number) for c in result.claims)
+    blocks += [
+        reports.Heading("Reproduce"),
+        reports.Text(
+            f"`bnlab benefits --budget {budget.name} --seeds {len(result.seeds)} --claims {claims} --bn {result.bn}` "
+            "(finished runs in `runs/` are reused; delete them to start afresh)."
+        ),
+    ]
+    return blocks
+
+
+def write_report(result: BenefitsResult) -> None:
+    """report.md, report.html (self-contained), results.json; the PNGs are already beside them."""
+    out = result.out_dir
+    blocks = report_blocks(result)
+    atomic_write_bytes(out / "report.md", reports.render_markdown(blocks).encode())
+    html = reports.render_html(blocks, title="bnlab: the benefits of batch norm, measured", image_dir=out)
+    atomic_write_bytes(out / "report.html", html.encode())
+    atomic_write_bytes(out / "results.json", (json.dumps(finite_or_none(result.to_dict()), indent=1) + "\n").encode())
