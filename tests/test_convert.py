@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from bnlab import nn as norm
 from bnlab.data import Batches
 from bnlab.errors import UsageError
 from bnlab.models import build_model
-from bnlab.nn import batchnorm as norm
+from bnlab.nn.batchnorm import _BatchNorm
 from bnlab.nn.convert import convert
 from bnlab.training.loop import loss_fn
 
@@ -35,7 +36,7 @@ def assert_same_state(state_a: dict, state_b: dict) -> None:
 
 
 def batch_norms(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (*TORCH_BN, norm._BatchNorm))]
+    return [m for m in model.modules() if isinstance(m, (*TORCH_BN, _BatchNorm))]
 
 
 def quietly(model: nn.Module, to: str) -> nn.Module:
@@ -59,7 +60,7 @@ def test_seed_convnet_keeps_outputs_state_and_mode(source, target, training):
     assert_same_state(converted.state_dict(), reference.state_dict())
     layers = batch_norms(converted)
     assert len(layers) == 20
-    assert all(isinstance(m, norm._BatchNorm) == (target == "manual") for m in layers)
+    assert all(isinstance(m, _BatchNorm) == (target == "manual") for m in layers)
     assert all(m.training == training for m in converted.modules())
     with torch.no_grad():
         torch.testing.assert_close(converted(x), reference(x))

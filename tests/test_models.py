@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from bnlab import nn as norm
 from bnlab.errors import UsageError
 from bnlab.models import SameConv2d, build_model, same_padding, summary
-from bnlab.nn import batchnorm as norm
+from bnlab.nn.batchnorm import _BatchNorm
 
 
 @pytest.mark.parametrize("bn", ["none", "torch", "manual"])
@@ -22,7 +23,7 @@ def test_layer_schedule(bn):
     assert [c.stride[0] for c in convs] == [2 if d % 3 == 0 else 1 for d in range(1, 20)]
     assert all(c.kernel_size == (3, 3) for c in convs)
     assert model.hidden.linear.out_features == 100 and model.logits.out_features == 10
-    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, norm._BatchNorm))]
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, _BatchNorm))]
     if bn == "none":
         assert norms == [] and all(c.bias is not None for c in convs)
     else:

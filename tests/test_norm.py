@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bnlab import kernels
-from bnlab.nn import batchnorm as norm
+from bnlab import nn as norm
 
 TORCH_LAYERS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 BNLAB_LAYERS = {1: norm.BatchNorm1d, 2: norm.BatchNorm2d, 3: norm.BatchNorm3d}

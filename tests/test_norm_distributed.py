@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bnlab.nn import batchnorm as norm
+from bnlab import nn as norm
 
 SHAPE = (8, 3, 4, 4)  # the global batch; each of the two ranks gets 4 samples
 

@@ -7,7 +7,7 @@ from bnlab.check import check_model
 from bnlab.data import MNIST, Batches, Split, load_mnist
 from bnlab.errors import BnlabError, CheckpointError, DataError, TrainingDiverged, UsageError
 from bnlab.models import SeedConvNet, build_model, summary
-from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
 from bnlab.nn.convert import convert
 from bnlab.training.loop import RunResult, TrainConfig, evaluate, load_model, one_at_a_time_accuracy, train
 

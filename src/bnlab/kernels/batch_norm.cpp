@@ -1,4 +1,4 @@
-// bnlab's CPU batch-norm kernels: norm.py's formulas in as few passes over memory as they allow.
+// bnlab's CPU batch-norm kernels: bnlab/nn/statistics.py's formulas in as few passes over memory as they allow.
 //
 // A tensor of N samples, C features and S positions per sample (S = L, H*W or D*H*W; 1 for (N, C))
 // is stored either
@@ -19,12 +19,15 @@
 // value), so a large mean with a small spread loses nothing to cancellation; the mean is kept in
 // double and subtracted as a pair of T (hi + lo), so x - mean is as exact as T allows.
 //
-// Plain C ABI (extern "C"), loaded with ctypes: no PyTorch headers, compiles in about a second.
+// Plain C ABI (extern "C", declared in the generated bnlab_abi.h), loaded with ctypes: no PyTorch
+// headers, compiles in about a second.
 // Threads: OpenMP, as many as the caller passes (bnlab passes torch.get_num_threads()); the library
 // links libgomp.so.1, which resolves to the copy PyTorch has already loaded.
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "bnlab_abi.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -307,52 +310,39 @@ void backward_dx(const T* x, const T* dy, const T* y, T* dx, const Shape& sh, in
 
 }  // namespace
 
-// The C ABI. Pointers may be null where a tensor is optional (weight, bias, running stats, y, outputs).
-// Statistics (mean, invstd) are float64 arrays of C values.
+// The C ABI, declared in bnlab_abi.h (generated from kernels/abi.py): the compiler checks every
+// definition below against that declaration. Pointers may be null where a tensor is optional
+// (weight, bias, y, outputs). stats = [mean (C), biased var (C), invstd (C)] in double.
 #define BNLAB_EXPORT(T, SUFFIX)                                                                                 \
-  /* Eval forward: y = (x - mean) * invstd * weight + bias, ReLU'd if relu. */                                \
-  extern "C" void bn_normalize_##SUFFIX(const T* x, T* y, int64_t N, int64_t C, int64_t S, int channels_last, \
-                                        int threads, const double* mean, const double* invstd,               \
-                                        const T* weight, const T* bias, int relu) {                          \
-    normalize(x, y, Shape{N, C, S, channels_last != 0}, threads, mean, invstd, weight, bias, relu != 0);     \
+  void bn_normalize_##SUFFIX(const T* x, const T* weight, const T* bias, const double* mean,                  \
+                             const double* invstd, T* y, int64_t n, int64_t c, int64_t s, int layout,         \
+                             int threads, int relu) {                                                         \
+    normalize(x, y, Shape{n, c, s, layout == kNSC}, threads, mean, invstd, weight, bias, relu != 0);         \
   }                                                                                                           \
-  /* Training forward: batch moments, invstd, running-statistics update, normalize (+ ReLU). */              \
-  extern "C" void bn_forward_train_##SUFFIX(const T* x, T* y, int64_t N, int64_t C, int64_t S,               \
-                                            int channels_last, int threads, const T* weight, const T* bias,  \
-                                            double eps, int relu, T* running_mean, T* running_var,           \
-                                            double momentum, int unbiased, double* mean, double* invstd) {   \
-    const Shape sh{N, C, S, channels_last != 0};                                                              \
-    std::vector<double> var(C);                                                                               \
-    moments(x, sh, threads_for(sh.numel(), threads), mean, var.data());                                       \
-    const double M = static_cast<double>(N * S);                                                              \
-    for (int64_t c = 0; c < C; c++) {                                                                         \
-      invstd[c] = 1.0 / std::sqrt(var[c] + eps);                                                              \
-      if (running_mean) {                                                                                     \
-        const double pop_var = unbiased ? var[c] * M / (M - 1.0) : var[c];                                    \
-        running_mean[c] = static_cast<T>((1.0 - momentum) * running_mean[c] + momentum * mean[c]);            \
-        running_var[c] = static_cast<T>((1.0 - momentum) * running_var[c] + momentum * pop_var);              \
-      }                                                                                                       \
-    }                                                                                                         \
+  void bn_forward_train_##SUFFIX(const T* x, const T* weight, const T* bias, double* stats, T* y, int64_t n,   \
+                                 int64_t c, int64_t s, int layout, int threads, double eps, int relu) {       \
+    const Shape sh{n, c, s, layout == kNSC};                                                                  \
+    double *mean = stats, *var = stats + c, *invstd = stats + 2 * c;                                          \
+    moments(x, sh, threads_for(sh.numel(), threads), mean, var);                                              \
+    for (int64_t k = 0; k < c; k++) invstd[k] = 1.0 / std::sqrt(var[k] + eps);                                \
     normalize(x, y, sh, threads, mean, invstd, weight, bias, relu != 0);                                      \
   }                                                                                                           \
-  /* Backward: dweight = sum(dz * xhat), dbias = sum(dz), dx (each written only if its pointer is set). */   \
-  extern "C" void bn_backward_##SUFFIX(const T* x, const T* dy, const T* y, T* dx, T* dweight, T* dbias,      \
-                                       int64_t N, int64_t C, int64_t S, int channels_last, int threads,      \
-                                       const double* mean, const double* invstd, const T* weight) {          \
-    const Shape sh{N, C, S, channels_last != 0};                                                              \
-    std::vector<double> sum_dz(C), sum_dz_xhat(C);                                                            \
+  void bn_backward_##SUFFIX(const T* x, const T* weight, const double* stats, const T* dy, const T* y, T* dx,  \
+                            T* dweight, T* dbias, int64_t n, int64_t c, int64_t s, int layout, int threads) { \
+    const Shape sh{n, c, s, layout == kNSC};                                                                  \
+    const double *mean = stats, *invstd = stats + 2 * c;                                                      \
+    std::vector<double> sum_dz(c), sum_dz_xhat(c);                                                            \
     backward_sums(x, dy, y, sh, threads, mean, invstd, sum_dz.data(), sum_dz_xhat.data());                   \
-    for (int64_t c = 0; c < C; c++) {                                                                         \
-      if (dweight) dweight[c] = static_cast<T>(sum_dz_xhat[c]);                                               \
-      if (dbias) dbias[c] = static_cast<T>(sum_dz[c]);                                                        \
+    for (int64_t k = 0; k < c; k++) {                                                                         \
+      if (dweight) dweight[k] = static_cast<T>(sum_dz_xhat[k]);                                               \
+      if (dbias) dbias[k] = static_cast<T>(sum_dz[k]);                                                        \
     }                                                                                                         \
     if (dx)                                                                                                   \
       backward_dx(x, dy, y, dx, sh, threads, mean, invstd, weight, sum_dz.data(), sum_dz_xhat.data(),        \
-                  static_cast<double>(N * S));                                                                \
+                  static_cast<double>(n * s));                                                                \
   }
 
 BNLAB_EXPORT(float, f32)
 BNLAB_EXPORT(double, f64)
 
-// Bumped whenever a signature changes; the Python loader refuses a library of another version.
-extern "C" int bn_abi_version() { return 1; }
+int bn_abi_version() { return BNLAB_ABI_VERSION; }

@@ -1,6 +1,16 @@
-"""bnlab's batch normalization: the maths, the layers, conversion and precise statistics."""
+"""bnlab's batch normalization.
 
-from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm, naive_batch_norm
+statistics.py  the maths in tensor ops: moments, their exact combination, normalization, gradients
+ops.py         the operators bnlab::batch_norm_{train,backward,eval} (compiled kernels or statistics.py)
+sync.py        synchronized batch norm over a process group (its own autograd Function)
+functional.py  batch_norm(): picks the operator, keeps the running statistics
+batchnorm.py   the layers BatchNorm1d/2d/3d (state only) and is_batch_norm
+convert.py     swap a model's BN layers between PyTorch's and bnlab's
+"""
+
+from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batch_norm
 from bnlab.nn.convert import convert
+from bnlab.nn.functional import batch_norm
+from bnlab.nn.statistics import naive_batch_norm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "naive_batch_norm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "is_batch_norm", "naive_batch_norm"]

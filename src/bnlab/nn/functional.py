@@ -1,0 +1,83 @@
+"""``batch_norm``, the functional form every bnlab layer calls: it picks the operator and keeps the running statistics.
+
+In training (or without running statistics) the batch statistics normalize x, through
+``bnlab::batch_norm_train`` or, given a ``process_group`` of several processes, the synchronized
+version in ``sync.py``; ``running_mean``/``running_var``, when given, then follow the batch's::
+
+    running_mean = (1 - momentum) * running_mean + momentum * mean
+    running_var  = (1 - momentum) * running_var  + momentum * var * M / (M - 1)   (M values per feature)
+
+(PyTorch's ``momentum`` is ``1 - decay`` in TensorFlow's terms.) The ``M / (M - 1)`` factor makes
+the running variance unbiased, as PyTorch keeps it; ``unbiased_running_var=False`` keeps the biased
+one, as the notebook's ``tf.nn.moments`` does. In evaluation ``bnlab::batch_norm_eval`` normalizes
+with the running statistics, so a sample's output does not depend on the rest of its batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bnlab.nn import (
+    ops,  # noqa: F401 (registers the bnlab:: operators called below)
+    statistics,
+    sync,
+)
+
+__all__ = ["batch_norm", "local_batch_norm"]
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    unbiased_running_var: bool = True,
+    relu: bool = False,
+    process_group: Any | None = None,
+) -> Tensor:
+    """Batch-normalize x of shape (N, C, *) over every axis but C.
+
+    ``relu`` applies a ReLU to the result in the same pass. ``process_group``: in training, the
+    statistics are those of every process's x together (see ``sync.py``).
+    """
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm expects input of shape (N, C, *), got shape {tuple(x.shape)}")
+    batch_statistics = training or running_mean is None or running_var is None
+    if not (batch_statistics and sync.is_distributed(process_group)):
+        return local_batch_norm(
+            x, running_mean, running_var, weight, bias, training, momentum, eps, unbiased_running_var, relu
+        )
+    y, stats, count = sync.sync_batch_norm(x, weight, bias, eps, relu, process_group)
+    if training and running_mean is not None and running_var is not None:
+        statistics.running_update(running_mean, running_var, stats, count, momentum, unbiased_running_var)
+    return y
+
+
+def local_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    unbiased_running_var: bool,
+    relu: bool,
+) -> Tensor:
+    """``batch_norm`` on this process's batch alone; positional, and TorchScript-compatible for the layers."""
+    if not training and running_mean is not None and running_var is not None:
+        return torch.ops.bnlab.batch_norm_eval(x, weight, bias, running_mean, running_var, eps, relu)
+    y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, eps, relu)
+    if training and running_mean is not None and running_var is not None:
+        count = statistics.values_per_feature(x)
+        statistics.running_update(running_mean, running_var, stats, count, momentum, unbiased_running_var)
+    return y

@@ -1,0 +1,169 @@
+"""The batch-norm maths, in tensor ops: statistics, their exact combination, normalization, gradients.
+
+For a feature (channel) c, over every other axis of x (N, C, *)::
+
+    mean_c = mean(x[:, c])      var_c = mean((x[:, c] - mean_c) ** 2)      invstd_c = 1 / sqrt(var_c + eps)
+    y[:, c] = (x[:, c] - mean_c) * invstd_c * weight_c + bias_c            (then ReLU if asked)
+
+Gradients use the closed form of Ioffe & Szegedy (2015, section 3), with M values per feature::
+
+    xhat = (x - mean) * invstd       dz = dy (times 1[y > 0] under a fused ReLU)
+    dweight = sum(dz * xhat)         dbias = sum(dz)
+    dx = weight * invstd * (dz - sum(dz) / M - xhat * sum(dz * xhat) / M)
+
+Every function here is pure and device-agnostic. They are the tensor-op implementation behind
+bnlab's operators (``ops.py``, used where the compiled kernels are not), the synchronized batch
+norm (``sync.py``) and precise statistics (``precise.py``). Statistics travel as float64
+``stats = [mean, biased var, invstd]`` of shape (3, C), what the operators save for backward.
+
+Accuracy: moments are taken around a per-feature shift K (the feature's first value), so a large
+mean with a small spread (1e4 +- 1 in float32) costs no precision; the float64 mean is applied as
+a pair hi + lo of x's type, so x - mean is as exact as that type allows. float16/bfloat16 inputs
+are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the arithmetic runs in: float32 for half-precision inputs, else x's own."""
+    return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Every axis of x (N, C, *) but the feature axis."""
+    return [0, *range(2, x.dim())]
+
+
+def per_feature(v: Tensor, x: Tensor) -> Tensor:
+    """(C,) -> (1, C, 1, ...), so it broadcasts against x."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def values_per_feature(x: Tensor) -> int:
+    """M, the number of values each feature's statistics are taken over."""
+    return x.numel() // x.shape[1]
+
+
+def moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) per feature of x (N, C, *), float64 (C,); zeros for an empty batch."""
+    if x.shape[0] == 0 or x.numel() == 0:
+        zeros = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        return zeros, zeros.clone()
+    xs = x.to(compute_dtype(x))
+    shift = xs[0].reshape(x.shape[1], -1)[:, 0]  # a value of each feature: x - K is small
+    var, mean = torch.var_mean(xs - per_feature(shift, x), reduce_dims(x), correction=0)
+    return shift.double() + mean.double(), var.double()
+
+
+def combine_moments(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pool K groups' (count, mean, biased var), each (K, C) in float64, into the whole's (count, mean, var).
+
+    Chan, Golub & LeVeque's pairwise formula: M2 = sum(M2_k) + sum(n_k * (mean_k - mean) ** 2). Exact
+    for any spread of group means, unlike summing x and x ** 2, which cancels catastrophically when
+    |mean| >> std. Groups of count 0 contribute nothing; a total of 0 gives mean 0 and var 0.
+    """
+    total = counts.sum(0)
+    safe = total.clamp(min=1)
+    mean = (counts * means).sum(0) / safe
+    m2 = (counts * variances).sum(0) + (counts * (means - mean) ** 2).sum(0)
+    return total, mean, m2 / safe
+
+
+def make_stats(mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """float64 (3, C) [mean, biased var, invstd], the operators' saved statistics."""
+    return torch.stack([mean, var, torch.rsqrt(var + eps)])
+
+
+def _split(mean: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """float64 mean -> (hi, lo) of ``dtype`` with hi + lo = mean to float64 precision."""
+    hi = mean.to(dtype)
+    return hi, (mean - hi.double()).to(dtype)
+
+
+def normalize(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor, relu: bool
+) -> Tensor:
+    """(x - mean) * invstd * weight + bias, ReLU'd if asked; mean and invstd float64 (C,). Output in x's dtype."""
+    acc = compute_dtype(x)
+    hi, lo = _split(mean, acc)
+    scale = invstd.to(acc) if weight is None else invstd.to(acc) * weight.to(acc)
+    offset = -lo * scale if bias is None else bias.to(acc) - lo * scale
+    # x - hi is exact where x is near the mean; lo carries the rest of the float64 mean
+    y = torch.addcmul(per_feature(offset, x), x.to(acc) - per_feature(hi, x), per_feature(scale, x))
+    if relu:
+        y = y.relu_()
+    return y.to(x.dtype)
+
+
+def forward_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool
+) -> tuple[Tensor, Tensor]:
+    """(y, stats): x normalized with its batch statistics, and those statistics."""
+    stats = make_stats(*moments(x), eps)
+    return normalize(x, weight, bias, stats[0], stats[2], relu), stats
+
+
+def gradient_sums(x: Tensor, stats: Tensor, dy: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dz, sum(dz), sum(dz * xhat)) per feature; the sums float64 (C,)."""
+    acc = compute_dtype(x)
+    dz = dy if y is None else torch.where(y > 0, dy, 0)  # as ReLU's backward: no inf * 0 = nan
+    hi, lo = _split(stats[0], acc)
+    xhat = (x.to(acc) - per_feature(hi, x)).sub_(per_feature(lo, x)).mul_(per_feature(stats[2].to(acc), x))
+    sum_dz = dz.sum(reduce_dims(x), dtype=acc).double()
+    sum_dz_xhat = (dz * xhat).sum(reduce_dims(x), dtype=acc).double()
+    return dz, sum_dz, sum_dz_xhat
+
+
+def input_gradient(
+    x: Tensor, weight: Tensor | None, stats: Tensor, dz: Tensor, sum_dz: Tensor, sum_dz_xhat: Tensor, count: int
+) -> Tensor:
+    """dx = k * (dz - sum_dz / M - xhat * sum_dz_xhat / M), k = invstd * weight, for M = ``count`` values."""
+    acc = compute_dtype(x)
+    invstd = stats[2]
+    k = invstd if weight is None else invstd * weight.double()
+    # dx = k * dz - k * invstd * sum_dz_xhat / M * (x - mean) - k * sum_dz / M, in x's precision
+    a, b = k.to(acc), (k * invstd * sum_dz_xhat / count).to(acc)
+    d = (k * sum_dz / count).to(acc)
+    hi, lo = _split(stats[0], acc)
+    centered = (x.to(acc) - per_feature(hi, x)).sub_(per_feature(lo, x))
+    dx = centered.mul_(per_feature(-b, x)).addcmul_(dz.to(acc), per_feature(a, x)).sub_(per_feature(d, x))
+    return dx.to(x.dtype)
+
+
+def backward(
+    x: Tensor, weight: Tensor | None, stats: Tensor, dy: Tensor, y: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of ``forward_train`` on this process's batch alone."""
+    dz, sum_dz, sum_dz_xhat = gradient_sums(x, stats, dy, y)
+    dx = input_gradient(x, weight, stats, dz, sum_dz, sum_dz_xhat, values_per_feature(x))
+    return dx, sum_dz_xhat.to(x.dtype), sum_dz.to(x.dtype)
+
+
+def naive_batch_norm(
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5, relu: bool = False
+) -> Tensor:
+    """Training-mode batch norm as the notebook writes it; autograd differentiates every op (double backward)."""
+    xs = x.to(compute_dtype(x))
+    var, mean = torch.var_mean(xs, reduce_dims(x), keepdim=True, correction=0)
+    y = (xs - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * per_feature(weight, x)
+    if bias is not None:
+        y = y + per_feature(bias, x)
+    return (F.relu(y) if relu else y).to(x.dtype)
+
+
+def running_update(
+    running_mean: Tensor, running_var: Tensor, stats: Tensor, count: int, momentum: float, unbiased: bool
+) -> None:
+    """running <- (1 - momentum) * running + momentum * batch; the variance made unbiased (M / (M - 1)) if asked."""
+    running_mean.lerp_(stats[0].to(running_mean.dtype), momentum)
+    var = stats[1] * (count / (count - 1)) if unbiased else stats[1]
+    running_var.lerp_(var.to(running_var.dtype), momentum)
