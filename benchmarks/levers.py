@@ -16,7 +16,7 @@ import torch
 from bnlab import bench, reports
 from bnlab.data import load_mnist
 from bnlab.models import build_model
-from bnlab.training.loop import evaluate
+from bnlab.training import evaluate
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--steps", type=int, default=210, help="training steps per measurement (default 210)")

@@ -15,28 +15,39 @@ from torch import nn
 
 from bnlab import reports
 from bnlab.cli import main
+from bnlab.config import TrainConfig
 from bnlab.data import Batches
 from bnlab.errors import UsageError
-from bnlab.lab import benefits
 from bnlab.lab.benefits import (
     BUDGETS,
     CLAIMS,
     VERDICTS,
     Comparison,
-    Job,
-    Run,
-    RunSpec,
-    RunStore,
     claim1_speed,
     compare,
     parse_claims,
     run_benefits,
     runs,
-    train_run,
     verdict,
 )
 from bnlab.lab.benefits.arms import Lab
-from bnlab.models import ACTIVATIONS, FC_INITS, FCNet, build_net, build_pair
+from bnlab.lab.benefits.networks import LAB, PAPER_MLP
+from bnlab.models import ACTIVATIONS, FCNet, build_network
+from bnlab.training import RunResult, train
+from bnlab.training import runner as train_module
+from bnlab.training.evaluate import UnitPeaks
+
+FC_INITS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal")
+
+
+def build_pair(config: TrainConfig, bn: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The two arms' networks: the same config without and with BN."""
+    return build_network(config.replace(bn="none")), build_network(config.replace(bn=bn))
+
+
+def lab_train(config: TrainConfig, bn: str, seed: int, data) -> RunResult:
+    return runs.lab_run(config.replace(bn=bn, seed=seed), data, torch.device("cpu"))[0]
+
 
 # --- Models -----------------------------------------------------------------------------------------
 
@@ -55,7 +66,8 @@ def shared_weights(plain: nn.Module, with_bn: nn.Module) -> list[str]:
     bn=st.sampled_from(["torch", "manual"]),
 )
 def test_mlp_pair_starts_from_identical_shared_weights(seed, hidden, activation, init, bn):
-    plain, with_bn = build_pair("mlp", bn, seed=seed, hidden=hidden, activation=activation, init=init)
+    config = PAPER_MLP.replace(seed=seed, hidden=tuple(hidden), activation=activation, init=init)
+    plain, with_bn = build_pair(config, bn)
     names = shared_weights(plain, with_bn)
     assert len([n for n in names if n.endswith("linear.weight")]) == len(hidden)
     params_plain, params_bn = dict(plain.named_parameters()), dict(with_bn.named_parameters())
@@ -63,13 +75,14 @@ def test_mlp_pair_starts_from_identical_shared_weights(seed, hidden, activation,
 
 
 @pytest.mark.parametrize("bn", ["torch", "manual"])
-def test_convnet_pair_shares_every_kernel_even_where_the_notebook_inits_differ(bn):
-    plain, with_bn = build_pair("convnet", bn, seed=5, depth=4)
+def test_convnet_pair_shares_every_kernel(bn):
+    config = TrainConfig(model="convnet", seed=5, depth=4, init="glorot_uniform")
+    plain, with_bn = build_pair(config, bn)
     names = shared_weights(plain, with_bn)
     assert sum(n.endswith("conv.weight") for n in names) == 4 and "hidden.linear.weight" in names
     params_plain, params_bn = dict(plain.named_parameters()), dict(with_bn.named_parameters())
     assert all(torch.equal(params_plain[n], params_bn[n]) for n in names)
-    other = build_pair("convnet", bn, seed=6, depth=4)[0]
+    other = build_pair(config.replace(seed=6), bn)[0]
     assert not torch.equal(other.blocks[0].conv.weight, plain.blocks[0].conv.weight)
 
 
@@ -101,7 +114,7 @@ def test_dead_units_are_those_silent_on_every_image():
     with torch.no_grad():
         model.blocks[0].linear.weight.zero_()
         model.blocks[0].linear.bias.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
-    with runs._UnitPeaks(runs._hidden_blocks(model)) as peaks:
+    with UnitPeaks(model.hidden_blocks()) as peaks:
         model(torch.rand(5, 1, 28, 28))
     assert peaks.dead_fraction() == 0.5  # the units with bias -1 and 0 never output more than zero
 
@@ -112,8 +125,10 @@ def test_dead_units_are_those_silent_on_every_image():
 @pytest.mark.parametrize(
     "spec",
     [
-        RunSpec(hidden=(32, 32), dropout=0.3, batches=12, eval_every=4, eval_size=64),
-        RunSpec(family="convnet", depth=3, optimizer="adam", lr=1e-3, batches=3, eval_every=2, eval_size=32),
+        PAPER_MLP.replace(hidden=(32, 32), dropout=0.3, batches=12, eval_every=4, eval_size=64),
+        LAB.replace(
+            model="convnet", depth=3, init="glorot_uniform", optimizer="adam", lr=1e-3, batches=3, eval_size=32
+        ),
     ],
     ids=["mlp+dropout", "convnet"],
 )
@@ -129,62 +144,62 @@ def test_paired_runs_share_initial_weights_and_batch_order(spec, small_mnist, mo
             streams[-1].append(indices.clone())
             return indices
 
-    def recording_build_net(*args, **kwargs):
-        model = build_net(*args, **kwargs)
+    def recording_build_network(config):
+        model = build_network(config)
         initial.append({k: v.clone() for k, v in model.named_parameters()})
         return model
 
-    monkeypatch.setattr(runs, "Batches", RecordingBatches)
-    monkeypatch.setattr(runs, "build_net", recording_build_net)
-    pair = compare(spec, seed=3, data=small_mnist, device="cpu")
+    monkeypatch.setattr(train_module, "Batches", RecordingBatches)
+    monkeypatch.setattr(train_module, "build_network", recording_build_network)
+    pair = compare(spec, seed=3, bn="torch", data=small_mnist, device="cpu")
 
     (_, *plain_order), (_, *bn_order) = streams  # each stream: its Batches, then the indices it drew
     assert len(plain_order) == len(bn_order) == spec.batches
+    assert spec.model == "mlp" or spec.eval_every == 100  # the convnet: evaluated at the start and the end only
     assert all(torch.equal(a, b) for a, b in zip(plain_order, bn_order, strict=True))
     shared = set(initial[0]) & set(initial[1])
     assert any(name.endswith("weight") for name in shared)
     assert all(torch.equal(initial[0][name], initial[1][name]) for name in shared)
-    assert (pair.plain.bn, pair.bn.bn) == ("none", "torch")
+    assert (pair.plain.config.bn, pair.bn.config.bn) == ("none", "torch")
     curves = pair.curves()
     assert [x for x, _ in curves["no BN"]] == [x for x, _ in curves["BN"]] == [p["batch"] for p in pair.bn.points]
 
 
 def test_same_seed_same_run_and_divergence_is_recorded_not_raised(small_mnist):
-    spec = RunSpec(hidden=(16,), dropout=0.2, batches=10, eval_every=5, eval_size=64, train_eval_size=64)
-    first, second = (train_run(spec, "torch", 1, small_mnist) for _ in range(2))
+    spec = PAPER_MLP.replace(hidden=(16,), dropout=0.2, batches=10, eval_every=5, eval_size=64, train_eval_size=64)
+    first, second = (lab_train(spec, "torch", 1, small_mnist) for _ in range(2))
 
-    def untimed(run: Run) -> list[dict]:
+    def untimed(run: RunResult) -> list[dict]:
         return [{k: v for k, v in p.items() if k != "seconds"} for p in run.points]
 
     assert untimed(first) == untimed(second) and first.status == "completed"
     assert set(first.points[-1]) >= {"train_accuracy", "dead_relu"}
-    blown = train_run(RunSpec(lr=1e6, batches=20, eval_every=5, eval_size=64), "none", 0, small_mnist)
-    assert blown.status == "diverged" and blown.diverged and blown.batches < 20 and blown.final() is None
+    blown = lab_train(PAPER_MLP.replace(lr=1e6, batches=20, eval_every=5, eval_size=64), "none", 0, small_mnist)
+    assert blown.status == "diverged" and blown.diverged and blown.batches_done < 20 and blown.final() is None
 
 
 def test_time_budget_stops_the_run(small_mnist):
-    run = train_run(
-        RunSpec(hidden=(16,), batches=10**9, seconds=0.05, eval_every=10**6, eval_size=32), "none", 0, small_mnist
-    )
-    assert 0.05 <= run.train_seconds < 1.0 and run.points[-1]["batch"] == run.batches
+    spec = PAPER_MLP.replace(hidden=(16,), batches=10**9, seconds=0.05, eval_every=10**6, eval_size=32)
+    run = lab_train(spec, "none", 0, small_mnist)
+    assert 0.05 <= run.train_seconds < 1.0 and run.points[-1]["batch"] == run.batches_done
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(family="resnet"), "family must be one of"),
-        (dict(optimizer="rmsprop"), "optimizer must be one of"),
-        (dict(lr=0.0), "lr must be a positive number"),
-        (dict(batch_size=1), "batch_size must be at least 2"),
-        (dict(family="convnet", init=0.1), "convnet init must be one of"),
-        (dict(family="convnet", dropout=0.5), "only available in the mlp family"),
-        (dict(train_size=10), "must hold at least one batch"),
+        (dict(model="resnet"), "model must be one of"),
+        (dict(optimizer="lbfgs"), "optimizer must be one of"),
+        (dict(lr=0.0), "lr must be a number in"),
+        (dict(bn="torch", batch_size=1), "batch_size must be at least 2"),
+        (dict(model="convnet", init=0.1), "convnet init must be one of"),
+        (dict(model="convnet", dropout=0.5), "only available in the mlp model"),
+        (dict(train_size=10), "train_size must be an integer in"),
         (dict(bn_momentum=0.0), "bn_momentum"),
     ],
 )
 def test_bad_run_specs_are_usage_errors(kwargs, message):
     with pytest.raises(UsageError, match=message):
-        RunSpec(**kwargs)
+        LAB.replace(**kwargs)
 
 
 # --- Verdicts ---------------------------------------------------------------------------------------
@@ -241,14 +256,15 @@ def test_verdict_rule():
     assert verdict([split]) == "mixed"
 
 
-def curve_run(spec: RunSpec, bn: str, seed: int, accuracies: list[float], seconds_per_point: float) -> Run:
+def curve_run(spec: TrainConfig, bn: str, seed: int, accuracies: list[float], seconds_per_point: float) -> RunResult:
     """A synthetic finished run: an evaluation every 10 batches with the given validation accuracies."""
-    points = [
-        {"batch": 10 * i, "seconds": seconds_per_point * i, "val_loss": 1 - a, "val_accuracy": a}
+    history = [
+        {"batch": 10 * i, "split": "validation", "seconds": seconds_per_point * i, "loss": 1 - a, "accuracy": a}
         for i, a in enumerate(accuracies)
     ]
     n = 10 * (len(accuracies) - 1)
-    return Run(spec, bn, seed, "completed", n, seconds_per_point * (len(accuracies) - 1), points)
+    seconds = seconds_per_point * (len(accuracies) - 1)
+    return RunResult(spec.replace(bn=bn, seed=seed), "completed", n, seconds, history=history)
 
 
 FAST = [0.1, 0.92, 0.96, 0.975, 0.98]
@@ -268,8 +284,8 @@ def test_claim1_verdict_from_synthetic_curves(curves, expected, tmp_path):
     lab = Lab(BUDGETS["smoke"], (0, 1), "torch")
     experiment = claim1_speed.experiment(lab)
 
-    def lookup(spec: RunSpec, arm: str) -> list[Run]:
-        plain, with_bn = curves[spec.family]
+    def lookup(spec: TrainConfig, arm: str) -> list[RunResult]:
+        plain, with_bn = curves[spec.model]
         # BN iterations cost 20% more: the curves are in batches, the verdict in seconds
         return [
             curve_run(spec, arm, s, with_bn if arm != "none" else plain, 1.2 if arm != "none" else 1.0) for s in (0, 1)
@@ -283,7 +299,7 @@ def test_claim1_verdict_from_synthetic_curves(curves, expected, tmp_path):
 def test_claim1_does_not_judge_a_threshold_that_neither_arm_reached_in_some_seed(tmp_path):
     plain, bn_by_seed = [0.1, 0.5, 0.91, 0.955], {0: FAST, 1: [0.1, 0.92, 0.96, 0.965]}  # 97%: BN in seed 0 only
 
-    def lookup(spec: RunSpec, arm: str) -> list[Run]:
+    def lookup(spec: TrainConfig, arm: str) -> list[RunResult]:
         return [curve_run(spec, arm, s, plain if arm == "none" else bn_by_seed[s], 1.0) for s in (0, 1)]
 
     result = claim1_speed.experiment(Lab(BUDGETS["smoke"], (0, 1), "torch")).analyse(lookup, tmp_path)
@@ -304,7 +320,7 @@ def test_parse_claims():
 
 
 def run_files(out) -> list:
-    return sorted((out / "runs").glob("*.json"))
+    return sorted(p / "summary.json" for p in (out / "runs").iterdir())
 
 
 def test_resume_reuses_finished_runs_and_redoes_a_damaged_one(small_mnist, tmp_path):
@@ -314,9 +330,9 @@ def test_resume_reuses_finished_runs_and_redoes_a_damaged_one(small_mnist, tmp_p
     again = run_benefits([3, 2], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
     assert again.trained == 0 and [c.verdict for c in again.claims] == [c.verdict for c in first.claims]
     files[0].write_text(files[0].read_text()[:50])  # a half-written file, as a crash without atomic writes leaves
-    (tmp_path / "runs" / f".{files[1].name}.tmp").write_text("{")  # a leftover temporary file is ignored
+    (files[1].parent / f".{files[1].name}.tmp").write_text("{")  # a leftover temporary file is ignored
     third = run_benefits([2, 3], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
-    assert third.trained == 1 and json.loads(files[0].read_text())["run"]["seed"] == 0
+    assert third.trained == 1 and json.loads(files[0].read_text())["config"]["seed"] == 0
 
 
 def test_interrupt_loses_only_the_run_in_progress(small_mnist, tmp_path, monkeypatch):
@@ -326,26 +342,27 @@ def test_interrupt_loses_only_the_run_in_progress(small_mnist, tmp_path, monkeyp
         calls.append(args)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return train_run(*args, **kwargs)
+        return train(*args, **kwargs)
 
-    monkeypatch.setattr(benefits, "train_run", interrupted_on_the_fourth)
+    monkeypatch.setattr(train_module, "train", interrupted_on_the_fourth)
     with pytest.raises(KeyboardInterrupt):
         run_benefits([2], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
-    assert len(run_files(tmp_path)) == 3
-    monkeypatch.setattr(benefits, "train_run", train_run)
+    finished = [f for f in run_files(tmp_path) if f.is_file() and json.loads(f.read_text())["status"] != "running"]
+    assert len(finished) == 3
+    monkeypatch.setattr(train_module, "train", train)
     resumed = run_benefits([2], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
     assert resumed.trained == len(resumed.runs) - 3
 
 
-def test_store_ignores_files_for_other_jobs(tmp_path, small_mnist):
-    store = RunStore(tmp_path)
-    spec = RunSpec(hidden=(8,), batches=2, eval_every=1, eval_size=16)
-    run = train_run(spec, "none", 0, small_mnist)
-    path = store.save(run)
-    assert store.load(Job(spec, "none", 0)) == run
-    other = Job(spec, "none", 1)
-    path.rename(store.path(other))  # a file whose name claims another job
-    assert store.load(other) is None
+def test_a_run_directory_holding_another_config_is_not_reused(tmp_path, small_mnist):
+    spec = PAPER_MLP.replace(hidden=(8,), batches=2, eval_every=1, eval_size=16)
+    device = torch.device("cpu")
+    first, trained = runs.lab_run(spec, small_mnist, device, tmp_path)
+    again, trained_again = runs.lab_run(spec, small_mnist, device, tmp_path)
+    assert trained and not trained_again and again.history == first.history
+    other = spec.replace(seed=1)
+    runs.run_dir(tmp_path, spec, device).rename(runs.run_dir(tmp_path, other, device))  # a folder claiming another run
+    assert runs.lab_run(other, small_mnist, device, tmp_path)[1]  # trained anew, not taken from the folder
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +377,7 @@ def test_report_files_are_well_formed_and_cover_every_claim(smoke_report):
     assert [c["claim"] for c in results["claims"]] == sorted(CLAIMS)
     assert all(c["verdict"] in VERDICTS and c["headline"] and c["rule"] for c in results["claims"])
     assert len(results["runs"]) == len(result.runs) and all(
-        (out / "runs" / r["file"]).is_file() for r in results["runs"]
+        (out / "runs" / r["run_dir"] / "summary.json").is_file() for r in results["runs"]
     )
 
     markdown = (out / "report.md").read_text()

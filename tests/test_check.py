@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from bnlab.check import RULES, check_model, load_model_spec, recompute_statistics
+from bnlab import recalibrate
+from bnlab.check import RULES, check_model, load_model_spec
 from bnlab.cli import main
 from bnlab.data import Batches, Split
 from bnlab.errors import BnlabError, UsageError
-from bnlab.training.loop import TrainConfig, load_model, train
+from bnlab.training import TrainConfig, load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +99,7 @@ def model(healthy) -> nn.Module:
 def seed_run(small_mnist, tmp_path_factory) -> Path:
     """The notebook's ConvNet with bnlab's BN after 100 batches: decay 0.99 has not forgotten the initial values."""
     run_dir = tmp_path_factory.mktemp("seed")
-    config = TrainConfig(bn="manual", batches=100, validation_every=1000, log_every=1000, one_at_a_time=0)
+    config = TrainConfig(bn="manual", batches=100, eval_every=1000, log_every=1000, one_at_a_time=0, precise_samples=0)
     train(config, small_mnist, run_dir=run_dir, device="cpu", log=lambda _: None, progress=False)
     return run_dir
 
@@ -115,11 +116,12 @@ def test_healthy_model_passes_and_is_left_unchanged(model, mnist):
 def test_seed_convnet_passes_with_tracked_statistics_and_fails_one_at_a_time_with_batch_statistics(
     seed_run, small_mnist, mnist
 ):
-    model, _ = load_model(seed_run)
+    model = load_model(seed_run).model
     assert {f.code for f in check_model(model, mnist.test).findings} == {"momentum-too-small", "stale-stats"}
 
     batches = (images for images, _ in itertools.islice(Batches(small_mnist.train, 64, seed=1), 30))
-    report = check_model(recompute_statistics(model, batches), mnist.test)
+    recalibrate(model, batches, samples=30 * 64)
+    report = check_model(model, mnist.test)
     assert report.findings == [], report.format()
 
     model.train()  # the notebook's lesson: scored one at a time with batch statistics
@@ -225,7 +227,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnlab.training.loop import load_model
+from bnlab.training import load_model
 
 HERE = Path(__file__).parent
 NOT_CALLABLE = 3
@@ -243,7 +245,7 @@ def fast_momentum():
 
 
 def seed_in_training_mode():
-    return load_model({seed_run!r})[0].train()
+    return load_model({seed_run!r}).model.train()
 
 
 def returns_number():

@@ -15,7 +15,7 @@ from bnlab.errors import UsageError
 from bnlab.models import build_model
 from bnlab.nn.batchnorm import _BatchNorm
 from bnlab.nn.convert import convert
-from bnlab.training.loop import loss_fn
+from bnlab.training import loss_fn
 
 TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 

@@ -10,10 +10,10 @@ import torch
 
 from bnlab.data import MNIST, Split
 from bnlab.errors import CheckpointError, TrainingDiverged, UsageError
-from bnlab.training import runs
-from bnlab.training.loop import TrainConfig, evaluate, load_model, load_run, loss_fn, one_at_a_time_accuracy, train
+from bnlab.fileio import write_json
+from bnlab.training import TrainConfig, evaluate, load_model, load_run, loss_fn, one_at_a_time_accuracy, store, train
 
-SHORT = dict(batches=30, validation_every=10, log_every=5, one_at_a_time=20)
+SHORT = dict(batches=30, eval_every=10, log_every=5, one_at_a_time=20, precise_samples=256)
 
 
 def test_log_lines_follow_the_notebook(small_mnist, tmp_path):
@@ -36,14 +36,14 @@ def test_run_directory_holds_config_metrics_summary_and_checkpoint(small_mnist, 
         log=lambda _: None,
         progress=False,
     )
-    config = json.loads((tmp_path / runs.CONFIG).read_text())
-    assert config["config"]["bn"] == "torch" and config["hparams"]["depth"] == 19
-    records = list(runs.read_metrics(tmp_path / runs.METRICS))
+    config = json.loads((tmp_path / store.CONFIG).read_text())
+    assert config["config"]["bn"] == "torch" and config["config"]["depth"] == 19
+    records = list(store.read_metrics(tmp_path / store.METRICS))
     steps = [r for r in records if r["event"] == "step"]
     assert [r["batch"] for r in steps] == list(range(30))
     evals = [r for r in records if r["event"] == "eval"]
     assert [(r["batch"], r["split"]) for r in evals][:3] == [(0, "validation"), (5, "train_batch"), (10, "validation")]
-    summary = json.loads((tmp_path / runs.SUMMARY).read_text())
+    summary = json.loads((tmp_path / store.SUMMARY).read_text())
     assert summary["status"] == "completed" and summary["test_accuracy"] == result.test_accuracy
     reloaded = load_run(tmp_path, TrainConfig(bn="torch", **SHORT))
     assert reloaded is not None and reloaded.test_accuracy == result.test_accuracy
@@ -59,8 +59,9 @@ def test_checkpoint_reloads_to_the_same_scores(small_mnist, tmp_path):
         log=lambda _: None,
         progress=False,
     )
-    model, payload = load_model(tmp_path)
-    assert payload["config"]["bn"] == "manual"
+    checkpoint = load_model(tmp_path)
+    model = checkpoint.model
+    assert checkpoint.config.bn == "manual"
     assert not model.training
     assert evaluate(model, small_mnist.test)[1] == result.test_accuracy
     assert one_at_a_time_accuracy(model, small_mnist.test, 20) == result.one_at_a_time_accuracy
@@ -94,10 +95,10 @@ def test_nan_loss_stops_the_run_and_keeps_valid_files(small_mnist, tmp_path):
             log=lambda _: None,
             progress=False,
         )
-    summary = json.loads((tmp_path / runs.SUMMARY).read_text())
+    summary = json.loads((tmp_path / store.SUMMARY).read_text())
     assert summary["status"] == "diverged" and "batch 0" in summary["message"]
-    assert list(runs.read_metrics(tmp_path / runs.METRICS)) == []
-    assert not (tmp_path / runs.CHECKPOINT).exists()
+    assert list(store.read_metrics(tmp_path / store.METRICS)) == []
+    assert not (tmp_path / store.CHECKPOINT).exists()
 
 
 def test_interrupted_run_keeps_what_it_wrote(small_mnist, tmp_path):
@@ -114,17 +115,17 @@ def test_interrupted_run_keeps_what_it_wrote(small_mnist, tmp_path):
             log=interrupt_at_batch_10,
             progress=False,
         )
-    summary = json.loads((tmp_path / runs.SUMMARY).read_text())
+    summary = json.loads((tmp_path / store.SUMMARY).read_text())
     assert summary["status"] == "interrupted" and summary["batches_done"] == 11
-    steps = [r for r in runs.read_metrics(tmp_path / runs.METRICS) if r["event"] == "step"]
+    steps = [r for r in store.read_metrics(tmp_path / store.METRICS) if r["event"] == "step"]
     assert len(steps) == 11
     assert load_run(tmp_path) is None  # not reusable: it did not finish
 
 
 def test_torn_last_metrics_line_is_skipped(tmp_path):
-    path = tmp_path / runs.METRICS
+    path = tmp_path / store.METRICS
     path.write_text('{"event": "step", "batch": 0, "loss": 0.5}\n{"event": "st')
-    assert list(runs.read_metrics(path)) == [{"event": "step", "batch": 0, "loss": 0.5}]
+    assert list(store.read_metrics(path)) == [{"event": "step", "batch": 0, "loss": 0.5}]
 
 
 def test_loss_functions():
@@ -163,7 +164,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
 
 
 def test_files_are_written_with_the_usual_permissions(tmp_path):
-    runs.write_json(tmp_path / "a.json", {"x": 1})
+    write_json(tmp_path / "a.json", {"x": 1})
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -9,9 +9,9 @@ from bnlab.errors import BnlabError, CheckpointError, DataError, TrainingDiverge
 from bnlab.models import SeedConvNet, build_model, summary
 from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
 from bnlab.nn.convert import convert
-from bnlab.training.loop import RunResult, TrainConfig, evaluate, load_model, one_at_a_time_accuracy, train
-
-__version__ = "0.1.0"
+from bnlab.nn.precise import Recalibration, recalibrate
+from bnlab.training import RunResult, TrainConfig, evaluate, load_model, one_at_a_time_accuracy, train
+from bnlab.version import __version__
 
 __all__ = [
     "MNIST",
@@ -22,12 +22,14 @@ __all__ = [
     "BnlabError",
     "CheckpointError",
     "DataError",
+    "Recalibration",
     "RunResult",
     "SeedConvNet",
     "Split",
     "TrainConfig",
     "TrainingDiverged",
     "UsageError",
+    "__version__",
     "batch_norm",
     "build_model",
     "check_model",
@@ -36,6 +38,7 @@ __all__ = [
     "load_mnist",
     "load_model",
     "one_at_a_time_accuracy",
+    "recalibrate",
     "summary",
     "train",
 ]

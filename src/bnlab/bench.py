@@ -28,10 +28,12 @@ import torch
 from torch import nn
 
 from bnlab import kernels, reports
-from bnlab.data import Batches, load_mnist
-from bnlab.models import BN_MODES, build_model
+from bnlab.config import BN_MODES, TrainConfig
+from bnlab.data import load_mnist
+from bnlab.models import build_model
 from bnlab.nn import batchnorm as norm
-from bnlab.training.loop import TrainConfig, evaluate, loss_fn, make_adam, train
+from bnlab.training import Hook, LoopState, evaluate, fit, train
+from bnlab.training.runner import prepare
 
 _SIZES = [28] * 2 + [14] * 3 + [7] * 3 + [4] * 3 + [2] * 3 + [1] * 5  # spatial size after conv d = 1..19
 SEED_SHAPES = [(64, 4 * d, s, s) for d, s in zip(range(1, 20), _SIZES, strict=True)] + [(64, 100)]
@@ -123,8 +125,23 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class StepTimes(Hook):
+    """Seconds of each training step, read off the loop's clock (evaluation and hooks excluded)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.last = 0.0
+
+    def start(self, state: LoopState) -> None:
+        self.last = state.clock
+
+    def after_step(self, state: LoopState) -> None:
+        self.times.append(state.clock - self.last)
+        self.last = state.clock
+
+
 class Stepper:
-    """Trains the seed network step by step and times each step; levers on or off."""
+    """The seed network trained a few steps at a time by the training loop, each step timed; levers on or off."""
 
     def __init__(
         self,
@@ -135,29 +152,17 @@ class Stepper:
         fused_adam: bool = True,
         compiled_kernels: bool = True,
     ) -> None:
-        self.model = build_model(bn, seed=0).to(device)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = make_adam(self.model.parameters(), 0.002, fused=fused_adam)
-        self.batches = Batches(data.train, 64, seed=0)
-        self.device = device
+        self.config = TrainConfig(bn=bn)
+        self.state, self.batches = prepare(self.config, data, device, channels_last=channels_last, fused=fused_adam)
+        self.model = self.state.model
         self.compiled_kernels = compiled_kernels and kernels.available()
 
     def run(self, steps: int) -> list[float]:
         """Seconds per step for the next ``steps`` steps."""
-        times = []
+        timer = StepTimes()
         with kernels.use_kernels(self.compiled_kernels):
-            for _ in range(steps):
-                images, labels = next(self.batches)
-                start = time.perf_counter()
-                loss = loss_fn("sigmoid", self.model(images), labels)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-        return times
+            fit(self.state, self.batches, steps=self.state.step + steps, loss=self.config.loss, hooks=[timer])
+        return timer.times
 
 
 def step_times(bn: str, data: Any, device: torch.device, steps: int = 110, **levers: bool) -> list[float]:
@@ -205,7 +210,7 @@ def measure_mode(
     bn: str, fast: bool, runs: int, steps: int, device_name: str = "auto", data_dir: str | None = None
 ) -> dict[str, Any]:
     """Everything ``training_benchmark`` reports for one mode and path (run in a fresh process)."""
-    from bnlab.training.loop import resolve_device
+    from bnlab.training import resolve_device
 
     device = resolve_device(device_name)
     data = load_mnist(data_dir).to(device)

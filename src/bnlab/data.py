@@ -30,6 +30,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -313,3 +314,21 @@ class Batches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.next_indices()
         return self.split.images[idx], self.split.labels[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream is: with ``load_state_dict`` a resumed run draws exactly the batches it would have."""
+        return {
+            "generator": self.generator.get_state(),
+            "order": self._order.cpu(),
+            "position": self._position,
+            "epochs_completed": self.epochs_completed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        order = state["order"]
+        if order.shape != (len(self.split),):
+            raise ValueError(f"a batch order for {order.numel()} examples cannot resume a split of {len(self.split)}")
+        self.generator.set_state(state["generator"])
+        self._order = order.to(self.split.labels.device)
+        self._position = int(state["position"])
+        self.epochs_completed = int(state["epochs_completed"])

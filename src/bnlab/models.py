@@ -23,6 +23,7 @@ models built with the same seed share every kernel whatever their normalization.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -31,13 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnlab import nn as bnn
+from bnlab.config import BN_MODES, CONV_INITS, FC_INITS, MAX_PARAMETERS, TrainConfig, check_choice
 from bnlab.errors import UsageError
-from bnlab.nn import batchnorm as norm
 
-BN_MODES = ("none", "torch", "manual")
-INITS = ("auto", "glorot_uniform", "truncated_normal")
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {  # by the names TrainConfig accepts
     "relu": nn.ReLU,
     "leaky_relu": lambda: nn.LeakyReLU(0.01),
     "elu": nn.ELU,
@@ -53,18 +52,13 @@ TF_MOMENTUM = 0.01  # TensorFlow's decay 0.99 in PyTorch's convention
 TF_EPS = 1e-3
 
 
-def check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
-    if value not in choices:
-        raise UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
 def make_norm(bn: str, num_features: int, dims: int, fused_relu: bool = False) -> nn.Module:
     """A BN layer for ``dims``-D input ((N, C) is 2) in the given mode; bnlab's can fuse a ReLU."""
     check_choice("bn", bn, BN_MODES[1:])
     if bn == "torch":
         layer = nn.BatchNorm1d if dims == 2 else nn.BatchNorm2d
         return layer(num_features, eps=TF_EPS, momentum=TF_MOMENTUM)
-    layer = norm.BatchNorm1d if dims == 2 else norm.BatchNorm2d
+    layer = bnn.BatchNorm1d if dims == 2 else bnn.BatchNorm2d
     return layer.tf_style(num_features, decay=1 - TF_MOMENTUM, eps=TF_EPS, fused_relu=fused_relu)
 
 
@@ -109,7 +103,7 @@ class SeedConvNet(nn.Module):
         super().__init__()
         check_choice("bn", bn, BN_MODES)
         check_choice("activation", activation, list(ACTIVATIONS))
-        check_choice("init", init, INITS)
+        check_choice("init", init, CONV_INITS)
         if depth < 1 or width < 1 or hidden < 1:
             raise UsageError(f"depth, width and hidden must be positive; got {depth}, {width}, {hidden}")
         self.hparams: dict[str, Any] = dict(
@@ -167,8 +161,12 @@ class SeedConvNet(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-            elif hasattr(module, "reset_running_stats"):  # torch's and bnlab's BN alike
+            elif bnn.is_batch_norm(module):
                 module.reset_parameters()
+
+    def hidden_blocks(self) -> list[nn.Module]:
+        """The modules whose outputs are the hidden activations."""
+        return [*self.blocks, self.hidden]
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (N, 1, 28, 28) -> (N, 76, 1, 1) -> (N, 76) -> (N, 100) -> (N, 10) logits
@@ -180,9 +178,9 @@ def build_model(bn: str = "none", *, seed: int = 0, **hparams: Any) -> SeedConvN
     return SeedConvNet(bn, generator=torch.Generator().manual_seed(seed), **hparams)
 
 
-def summary(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> str:
-    """A table of the model's layers: name, type, output shape (N = batch), parameters."""
-    rows: list[tuple[str, str, str, int]] = []
+def layer_rows(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> list[dict[str, Any]]:
+    """The model's leaf layers in call order: name, type, output shape (N = batch), parameters."""
+    rows: list[dict[str, Any]] = []
     hooks = []
     for name, module in model.named_modules():
         if next(module.children(), None) is not None:
@@ -192,7 +190,7 @@ def summary(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> 
             shape = "(N, " + ", ".join(str(s) for s in output.shape[1:]) + ")"
             params = sum(p.numel() for p in mod.parameters(recurse=False))
             kind = type(mod).__name__ + ("+ReLU" if getattr(mod, "fused_relu", False) else "")
-            rows.append((name, kind, shape, params))
+            rows.append({"layer": name, "type": kind, "output": shape, "params": params})
 
         hooks.append(module.register_forward_hook(record))
     param = next(model.parameters(), None)
@@ -205,18 +203,22 @@ def summary(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> 
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    widths = [max(len(str(r[i])) for r in [*rows, ("layer", "type", "output", "params")]) for i in range(4)]
+    return rows
+
+
+def summary(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> str:
+    """A table of the model's layers (``layer_rows``), then its parameter and buffer counts."""
+    headers = ("layer", "type", "output", "params")
+    rows = [tuple(str(r[h]) for h in headers) for r in layer_rows(model, input_shape)]
+    widths = [max(len(r[i]) for r in [*rows, headers]) for i in range(4)]
     line = "  ".join(f"{{:<{w}}}" for w in widths[:3]) + f"  {{:>{widths[3]}}}"
-    out = [line.format("layer", "type", "output", "params"), "-" * (sum(widths) + 6)]
+    out = [line.format(*headers), "-" * (sum(widths) + 6)]
     out += [line.format(*r) for r in rows]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     buffers = sum(b.numel() for b in model.buffers())
     out.append("-" * (sum(widths) + 6))
     out.append(f"trainable parameters: {trainable:,}   buffer values: {buffers:,}")
     return "\n".join(out)
-
-
-FC_INITS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal")
 
 
 def init_linear(weight: Tensor, init: str | float, generator: torch.Generator | None = None) -> None:
@@ -304,33 +306,65 @@ class FCNet(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-            elif hasattr(module, "reset_running_stats"):
+            elif bnn.is_batch_norm(module):
                 module.reset_parameters()
+
+    def hidden_blocks(self) -> list[nn.Module]:
+        """The modules whose outputs are the hidden activations (in eval mode dropout passes them through)."""
+        return list(self.blocks)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.logits(self.blocks(x.flatten(1)))
 
 
-FAMILIES = ("convnet", "mlp")
+def parameter_count(config: TrainConfig) -> int:
+    """The network's number of weights, computed from the config without building it."""
+    c = config
+    if c.model == "convnet":
+        total, channels, size = 0, 1, 28
+        for d in range(1, c.depth + 1):
+            total += 9 * channels * 4 * d + 3 * 4 * d  # kernel, then bias or BN (weight, bias, mean, var)
+            channels, size = 4 * d, math.ceil(size / (2 if d % 3 == 0 else 1))
+        return total + (channels * size * size + 4) * c.hidden[0] + (c.hidden[0] + 1) * 10
+    if c.model == "mlp":
+        sizes = [784, *c.hidden, 10]
+        return sum((a + 4) * b for a, b in itertools.pairwise(sizes))
+    from bnlab.lstm import parameter_count as lstm_parameters
+
+    return lstm_parameters(c)
 
 
-def build_net(family: str, bn: str = "none", *, seed: int = 0, **hparams: Any) -> nn.Module:
-    """A ``SeedConvNet`` ("convnet") or an ``FCNet`` ("mlp"), initialised from its own generator."""
-    check_choice("family", family, FAMILIES)
-    build = SeedConvNet if family == "convnet" else FCNet
-    return build(bn, generator=torch.Generator().manual_seed(seed), **hparams)
+def build_network(config: TrainConfig) -> nn.Module:
+    """The network ``config`` describes, initialised from its own generator seeded with ``config.seed``.
 
-
-def build_pair(
-    family: str = "convnet", bn: str = "torch", *, seed: int = 0, **hparams: Any
-) -> tuple[nn.Module, nn.Module]:
-    """(without BN, with BN): two networks whose shared layers start from identical values.
-
-    Both draw their weights from a generator seeded with ``seed``, in layer order, and BN adds no
-    random values, so every conv and Linear weight matches. The ConvNet's ``init="auto"`` differs
-    between modes (the notebook's choices), so it is resolved once, to the BN network's, for both.
+    Networks built from configs that differ only in ``bn`` share every weight they have in common
+    (weights are drawn in layer order and BN draws none). Refuses, before allocating anything, a
+    network of more than ``MAX_PARAMETERS`` weights (a hostile or mistaken config).
     """
-    check_choice("bn", bn, BN_MODES[1:])
-    if family == "convnet" and hparams.get("init", "auto") == "auto":
-        hparams["init"] = SeedConvNet(bn, depth=1).conv_init
-    return build_net(family, "none", seed=seed, **hparams), build_net(family, bn, seed=seed, **hparams)
+    count = parameter_count(config)
+    if count > MAX_PARAMETERS:
+        raise UsageError(
+            f"a {config.model} of depth {config.depth} and hidden {list(config.hidden)} would have about "
+            f"{count:,} weights, more than bnlab builds ({MAX_PARAMETERS:,}); use a smaller network"
+        )
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.model == "convnet":
+        init = config.init
+        model: nn.Module = SeedConvNet(
+            config.bn, depth=config.depth, hidden=config.hidden[0], activation=config.activation, init=init,
+            generator=generator,
+        )  # fmt: skip
+    elif config.model == "mlp":
+        model = FCNet(
+            config.bn, hidden=config.hidden, activation=config.activation, init=config.init,
+            dropout=config.dropout, generator=generator,
+        )  # fmt: skip
+    else:
+        from bnlab.lstm import SequenceClassifier
+
+        model = SequenceClassifier(config, generator=generator)
+    if config.bn_momentum is not None:
+        for module in model.modules():
+            if bnn.is_batch_norm(module):
+                module.momentum = config.bn_momentum
+    return model

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnlab.training.runs import atomic_write_bytes
+from bnlab.fileio import atomic_write_bytes
 
 
 def spread(stats: dict[str, float], digits: int) -> str:

@@ -25,7 +25,7 @@ import importlib
 import math
 import re
 import textwrap
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from bnlab.data import Split, load_mnist
 from bnlab.errors import BnlabError, UsageError
-from bnlab.nn import batchnorm as norm
+from bnlab.nn import is_batch_norm
+from bnlab.nn.precise import recalibrate
 
 __all__ = [
     "RULES",
@@ -48,7 +48,6 @@ __all__ = [
     "batch_norm_layers",
     "check_model",
     "load_model_spec",
-    "recompute_statistics",
 ]
 
 ERROR, WARNING = "error", "warning"
@@ -72,7 +71,8 @@ class Rule:
 
 
 _RECOMPUTE = (
-    "recompute them from ~100 training batches with the final weights: bnlab.check.recompute_statistics(model, batches)"
+    "recompute them with the final weights: `bnlab recalibrate RUN_DIR` for a bnlab run, or "
+    "bnlab.recalibrate(model, training_images) for any model"
 )
 
 RULES: dict[str, Rule] = {
@@ -294,11 +294,7 @@ class Report:
 
 def batch_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) for every batch-norm layer: PyTorch's (SyncBatchNorm included) and bnlab's."""
-    return [(name or "model", m) for name, m in model.named_modules() if _is_batch_norm(m)]
-
-
-def _is_batch_norm(module: nn.Module) -> bool:
-    return isinstance(module, (_TorchBatchNorm, norm._BatchNorm))
+    return [(name or "model", m) for name, m in model.named_modules() if is_batch_norm(m)]
 
 
 def check_model(
@@ -465,7 +461,7 @@ class _Trace:
 
     def __enter__(self) -> _Trace:
         for name, module in self.model.named_modules():
-            if next(module.children(), None) is None or _is_batch_norm(module):
+            if next(module.children(), None) is None or is_batch_norm(module):
                 self.handles.append(module.register_forward_hook(self._record(name or "model")))
         for name, layer in self.layers:
             self.handles.append(layer.register_forward_pre_hook(self._record_input(name)))
@@ -514,7 +510,7 @@ class _Trace:
         key, depth = id(tensor), 1
         while len(self.producers.get(key, ())) >= depth:
             name, module, source = self.producers[key][-depth]
-            if _is_batch_norm(module):
+            if is_batch_norm(module):
                 return name
             if source is None or next(module.parameters(), None) is not None:
                 return None
@@ -523,56 +519,20 @@ class _Trace:
         return None
 
 
-def recompute_statistics(model: nn.Module, batches: Iterable[Tensor | tuple | list]) -> nn.Module:
-    """Recompute every BN layer's population statistics from ``batches`` with the current weights.
-
-    The fix for statistics that were never updated, lag the weights or came from the wrong batches:
-    each layer with running statistics starts afresh and averages the batches exactly (momentum None
-    while it runs) in training mode, while the rest of the model stays in eval mode (no dropout, as
-    at inference). Modes and momenta are put back. Unlike ``torch.optim.swa_utils.update_bn`` it
-    also knows bnlab's layers. ``batches``: input tensors, or (inputs, labels) pairs as a DataLoader
-    gives; ~100 training batches are plenty. Returns the model.
-    """
-    layers = [layer for _, layer in batch_norm_layers(model) if layer.running_mean is not None]
-    modes = [(m, m.training) for m in model.modules()]
-    momenta = [(layer, layer.momentum) for layer in layers]
-    try:
-        model.eval()
-        for layer in layers:
-            layer.reset_running_stats()
-            layer.momentum = None  # a cumulative average: every batch counts the same
-            layer.train()
-        with torch.no_grad():
-            for batch in batches:
-                model(_to_model(batch[0] if isinstance(batch, (tuple, list)) else batch, model))
-    finally:
-        for m, training in modes:
-            m.training = training
-        for layer, momentum in momenta:
-            layer.momentum = momentum
-    return model
-
-
 def _reestimate(
     model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: Tensor, batch_size: int
 ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
     """Per layer with running statistics: its population mean and variance recomputed from ``inputs``
-    (``recompute_statistics`` in batches of ``batch_size``, on this process alone), and the variance
+    (``bnlab.recalibrate`` in batches of ``batch_size``, on this process alone), and the variance
     within single samples, in the layer's running-variance convention. Leaves the buffers changed.
     """
     within = {name: _WithinSample() for name, layer in layers if layer.running_mean is not None}
     handles = [layer.register_forward_pre_hook(within[name]) for name, layer in layers if name in within]
-    groups = [(layer, layer.process_group) for _, layer in layers if isinstance(layer, norm._BatchNorm)]
-    for layer, _ in groups:
-        layer.process_group = None
-    usable = len(inputs) - len(inputs) % batch_size if len(inputs) >= batch_size else len(inputs)
     try:
-        recompute_statistics(model, (inputs[start : start + batch_size] for start in range(0, usable, batch_size)))
+        recalibrate(model, inputs, samples=len(inputs), batch_size=batch_size)
     finally:
         for handle in handles:
             handle.remove()
-        for layer, group in groups:
-            layer.process_group = group
     estimates = {}
     for name, layer in layers:
         if name in within and within[name].samples:  # skips layers the forward pass never reached
@@ -670,11 +630,11 @@ def load_model_spec(spec: str, device: str | torch.device = "cpu") -> nn.Module:
     A checkpoint gives the seed ConvNet in eval mode; ``module:factory`` imports ``module`` (it must
     be importable) and calls ``factory()`` with no arguments; the model keeps the mode it returns in.
     """
-    from bnlab.training.loop import load_model, resolve_device
+    from bnlab.training import load_model, resolve_device
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     if Path(spec).exists():
-        return load_model(spec, device)[0]
+        return load_model(spec, device).model
     module_name, colon, factory_name = spec.partition(":")
     if not colon:
         raise UsageError(

@@ -130,23 +130,44 @@ def _eval_fake(x, weight, bias, mean, var, eps, relu):
 
 
 # ---- autograd ----
+#
+# Each operator's Autograd kernel is an autograd.Function whose forward redispatches below autograd,
+# to whatever comes next for these tensors (the implementations above, a FakeTensor's fake one, a
+# tracer's proxy). Written here rather than with torch.library.register_autograd, whose generic
+# wrapper costs about as much per call as the whole seed-network BN layer at its smallest shapes.
 
 
-def _train_setup(ctx, inputs, output) -> None:
-    x, weight, bias, eps, relu = inputs
-    y, stats = output
-    ctx.save_for_backward(x, weight, bias, stats, y if relu else None)
-    ctx.eps, ctx.relu = eps, relu
-    ctx.mark_non_differentiable(stats)
+def _autograd_kernel(op: torch._ops.OpOverload, function: type[torch.autograd.Function]):
+    below = torch._C._after_autograd_keyset
+
+    def kernel(keyset: torch._C.DispatchKeySet, *args):
+        if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(keyset & below, *args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & below, *args)
+
+    return kernel
 
 
-def _train_backward(ctx, dy: Tensor, _dstats: Tensor):
-    x, weight, bias, stats, y = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
-        return (*_differentiable_backward(x, weight, bias, dy, ctx.eps, ctx.relu), None, None)
-    dx, dweight, dbias = batch_norm_backward(x, weight, stats, dy, y)
-    return dx if needs[0] else None, dweight if needs[1] else None, dbias if needs[2] else None, None, None
+class _Train(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, keyset, x, weight, bias, eps, relu):  # type: ignore[override]
+        with torch._C._AutoDispatchBelowAutograd():
+            y, stats = batch_norm_train.redispatch(keyset, x, weight, bias, eps, relu)
+        ctx.save_for_backward(x, weight, bias, stats, y if relu else None)
+        ctx.eps, ctx.relu = eps, relu
+        ctx.mark_non_differentiable(stats)
+        return y, stats
+
+    @staticmethod
+    def backward(ctx, dy, _dstats):  # type: ignore[override]
+        x, weight, bias, stats, y = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:4]
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            grads = _differentiable_backward(x, weight, bias, dy, ctx.eps, ctx.relu)
+        else:
+            grads = batch_norm_backward(x, weight, stats, dy, y)
+        return (None, *(g if need else None for g, need in zip(grads, needs, strict=True)), None, None)
 
 
 def _differentiable_backward(
@@ -162,30 +183,35 @@ def _differentiable_backward(
     return [None if t is None else next(grads) for t in inputs]
 
 
-def _eval_setup(ctx, inputs, output) -> None:
-    x, weight, bias, mean, var, eps, relu = inputs
-    ctx.save_for_backward(x, weight, mean, var, output if relu else None)
-    ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
+class _Eval(torch.autograd.Function):
+    """y = (x - mean) * scale + bias is affine in x: its backward is tensor ops, so it differentiates again too."""
+
+    @staticmethod
+    def forward(ctx, keyset, x, weight, bias, mean, var, eps, relu):  # type: ignore[override]
+        with torch._C._AutoDispatchBelowAutograd():
+            y = batch_norm_eval.redispatch(keyset, x, weight, bias, mean, var, eps, relu)
+        ctx.save_for_backward(x, weight, mean, var, y if relu else None)
+        ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, mean, var, y = ctx.saved_tensors
+        acc = statistics.compute_dtype(x)
+        invstd = torch.rsqrt(var.to(acc) + ctx.eps)
+        dz = (dy if y is None else torch.where(y > 0, dy, 0)).to(acc)
+        needs = ctx.needs_input_grad
+        dx = dweight = dbias = None
+        if needs[1]:
+            scale = invstd if weight is None else invstd * weight.to(acc)
+            dx = (dz * statistics.per_feature(scale, x)).to(x.dtype)
+        if needs[2]:
+            xhat = (x.to(acc) - statistics.per_feature(mean.to(acc), x)) * statistics.per_feature(invstd, x)
+            dweight = (dz * xhat).sum(statistics.reduce_dims(x)).to(weight.dtype)
+        if needs[3]:
+            dbias = dz.sum(statistics.reduce_dims(x)).to(ctx.bias_dtype)
+        return None, dx, dweight, dbias, None, None, None, None
 
 
-def _eval_backward(ctx, dy: Tensor):
-    """y = (x - mean) * scale + bias is affine in x: tensor ops, so it differentiates again too."""
-    x, weight, mean, var, y = ctx.saved_tensors
-    acc = statistics.compute_dtype(x)
-    invstd = torch.rsqrt(var.to(acc) + ctx.eps)
-    dz = (dy if y is None else torch.where(y > 0, dy, 0)).to(acc)
-    needs = ctx.needs_input_grad
-    dx = dweight = dbias = None
-    if needs[0]:
-        scale = invstd if weight is None else invstd * weight.to(acc)
-        dx = (dz * statistics.per_feature(scale, x)).to(x.dtype)
-    if needs[1]:
-        xhat = (x.to(acc) - statistics.per_feature(mean.to(acc), x)) * statistics.per_feature(invstd, x)
-        dweight = (dz * xhat).sum(statistics.reduce_dims(x)).to(weight.dtype)
-    if needs[2]:
-        dbias = dz.sum(statistics.reduce_dims(x)).to(ctx.bias_dtype)
-    return dx, dweight, dbias, None, None, None, None
-
-
-torch.library.register_autograd("bnlab::batch_norm_train", _train_backward, setup_context=_train_setup)
-torch.library.register_autograd("bnlab::batch_norm_eval", _eval_backward, setup_context=_eval_setup)
+_library.impl("batch_norm_train", _autograd_kernel(batch_norm_train, _Train), "Autograd", with_keyset=True)
+_library.impl("batch_norm_eval", _autograd_kernel(batch_norm_eval, _Eval), "Autograd", with_keyset=True)

@@ -1,15 +1,15 @@
 """The benefits lab: each of the seven claims made for batch norm, put to a paired, measured test.
 
-A *run* trains one network (``RunSpec``) with or without batch norm from one seed. Runs with the
-same seed start from the same initial weights (every shared layer) and see the same batches in
-the same order, so a difference between the two arms of a pair is the work of batch norm alone.
-``compare`` runs one such pair and returns its curves; ``run_benefits`` runs one experiment per
-claim over several seeds, stores every run as one small JSON file (reused when the lab is run
-again), and writes a report with a verdict per claim, computed by the rule in ``verdict``.
+A *run* trains one network (a ``TrainConfig``) with or without batch norm from one seed, through the
+training core. Runs with the same seed start from the same initial weights (every shared layer) and
+see the same batches in the same order, so a difference between the two arms of a pair is the work
+of batch norm alone. ``compare`` runs one such pair and returns its curves; ``run_benefits`` runs one
+experiment per claim over several seeds, keeps every run in the run store (reused when the lab is
+run again), and writes a report with a verdict per claim, computed by the rule in ``verdict``.
 
 The package, from the bottom up:
 
-- ``runs``: ``RunSpec``, ``train_run``, ``compare``, ``RunStore``: training and keeping one run.
+- ``runs``: ``lab_run`` and ``compare``: one run, or one pair, trained (or reused) by the training core.
 - ``budgets``: how much of each experiment to run (smoke, quick, full).
 - ``arms``: the two arms' names and ``Lab``, which trains every network in both.
 - ``verdicts``: ``Comparison`` (one quantity, seed by seed), ``verdict`` and the margins.
@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bnlab.config import BN_MODES, TrainConfig, check_choice
 from bnlab.data import MNIST, load_mnist
 from bnlab.errors import UsageError
 from bnlab.lab.benefits import (
@@ -45,10 +46,9 @@ from bnlab.lab.benefits.arms import PLAIN, WITH_BN, Lab
 from bnlab.lab.benefits.budgets import BUDGETS, Budget
 from bnlab.lab.benefits.evidence import ClaimResult, Experiment
 from bnlab.lab.benefits.report import BenefitsResult, report_blocks, write_report
-from bnlab.lab.benefits.runs import Job, Pair, Run, RunSpec, RunStore, compare, train_run
+from bnlab.lab.benefits.runs import Pair, compare, lab_run
 from bnlab.lab.benefits.verdicts import VERDICTS, Comparison, verdict
-from bnlab.models import BN_MODES, check_choice
-from bnlab.training.loop import resolve_device
+from bnlab.training import RunResult, resolve_device
 
 __all__ = [
     "BUDGETS",
@@ -59,16 +59,11 @@ __all__ = [
     "ClaimResult",
     "Comparison",
     "Experiment",
-    "Job",
     "Pair",
-    "Run",
-    "RunSpec",
-    "RunStore",
     "compare",
     "parse_claims",
     "report_blocks",
     "run_benefits",
-    "train_run",
     "verdict",
     "write_report",
 ]
@@ -100,12 +95,11 @@ def parse_claims(text: str) -> list[int]:
     return sorted(numbers)
 
 
-def describe_job(job: Job) -> str:
+def describe_job(job: TrainConfig) -> str:
     """One line for the progress bar: the network, its recipe, its arm and its seed."""
-    spec = job.spec
-    shape = f"{len(spec.hidden)}x{spec.hidden[0]}" if spec.family == "mlp" else f"depth {spec.depth}"
+    shape = f"{len(job.hidden)}x{job.hidden[0]}" if job.model == "mlp" else f"depth {job.depth}"
     arm = PLAIN if job.bn == "none" else WITH_BN
-    return f"{spec.family} {shape} {spec.activation} {spec.optimizer} lr={spec.lr:g}, {arm}, seed {job.seed}"
+    return f"{job.model} {shape} {job.activation} {job.optimizer} lr={job.lr:g}, {arm}, seed {job.seed}"
 
 
 def run_benefits(
@@ -114,7 +108,7 @@ def run_benefits(
     budget: str = "quick",
     seeds: int | None = None,
     out_dir: str | Path = "runs/benefits",
-    bn: str = "torch",
+    bn: str = "manual",
     data: MNIST | None = None,
     data_dir: str | Path | None = None,
     device: str = "auto",
@@ -135,33 +129,29 @@ def run_benefits(
     torch_device = resolve_device(device)
     data = (data if data is not None else load_mnist(data_dir)).to(torch_device)
     out = Path(out_dir)
-    store = RunStore(out / "runs", torch_device.type)
+    store = out / "runs"
 
-    jobs: dict[Job, int] = {}  # each job once, with the first claim that needs it
+    jobs: dict[TrainConfig, int] = {}  # each job once, with the first claim that needs it
     for experiment in experiments:
         for job in experiment.jobs:
             jobs.setdefault(job, experiment.number)
     log(
         f"bnlab benefits: claims {', '.join(str(e.number) for e in experiments)}, budget {plan.name} "
-        f"({plan.runtime}), {len(lab.seeds)} seed(s), {len(jobs)} runs in {store.directory}"
+        f"({plan.runtime}), {len(lab.seeds)} seed(s), {len(jobs)} runs in {store}"
     )
-    done: dict[Job, Run] = {}
+    done: dict[TrainConfig, RunResult] = {}
     trained = 0
     enabled = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=len(jobs), unit="run", desc="benefits", disable=not enabled, file=sys.stderr) as bar:
         for job, number in jobs.items():
-            run = store.load(job)
-            if run is None:
-                bar.set_postfix_str(f"claim {number}: {describe_job(job)}", refresh=True)
-                run = train_run(job.spec, job.bn, job.seed, data, torch_device)
-                store.save(run)
-                trained += 1
-            done[job] = run
+            bar.set_postfix_str(f"claim {number}: {describe_job(job)}", refresh=True)
+            done[job], new = lab_run(job, data, torch_device, store)
+            trained += new
             bar.update()
     log(f"trained {trained} runs, reused {len(jobs) - trained}")
 
-    def lookup(spec: RunSpec, norm: str) -> list[Run]:
-        return [done[Job(spec, norm, seed)] for seed in lab.seeds]
+    def lookup(spec: TrainConfig, norm: str) -> list[RunResult]:
+        return [done[spec.replace(bn=norm, seed=seed)] for seed in lab.seeds]
 
     results = [e.analyse(lookup, out) for e in experiments]
     outcome = BenefitsResult(

@@ -10,16 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from bnlab.config import TrainConfig
 from bnlab.lab.benefits.budgets import Budget
-from bnlab.lab.benefits.runs import Job, Run, RunSpec
+from bnlab.training import RunResult
 
 PLAIN = "no BN"
 WITH_BN = "BN"
 ARMS = (PLAIN, WITH_BN)  # in this order everywhere: tables, legends (and so colours), job order
 
-Lookup = Callable[[RunSpec, str], list[Run]]  # (spec, "none" or the BN mode) -> one run per seed
-ArmRuns = dict[str, list[Run]]  # arm name -> one run per seed
-SweepRuns = dict[str, list[list[Run]]]  # arm name -> for each swept value, one run per seed
+Lookup = Callable[[TrainConfig, str], list[RunResult]]  # (network, "none" or the BN mode) -> one run per seed
+ArmRuns = dict[str, list[RunResult]]  # arm name -> one run per seed
+SweepRuns = dict[str, list[list[RunResult]]]  # arm name -> for each swept value, one run per seed
 
 
 @dataclass(frozen=True)
@@ -32,17 +33,19 @@ class Lab:
 
     @property
     def norms(self) -> dict[str, str]:
-        """Each arm's normalization, as ``train_run`` names it."""
+        """Each arm's normalization, as ``TrainConfig.bn`` names it."""
         return {PLAIN: "none", WITH_BN: self.bn}
 
-    def jobs(self, specs: Sequence[RunSpec]) -> list[Job]:
-        """Every spec in both arms and every seed, in that order (the order the runs are trained in)."""
-        return [Job(spec, norm, seed) for spec in specs for norm in self.norms.values() for seed in self.seeds]
+    def jobs(self, specs: Sequence[TrainConfig]) -> list[TrainConfig]:
+        """Every network in both arms and every seed, in that order (the order the runs are trained in)."""
+        return [
+            spec.replace(bn=norm, seed=seed) for spec in specs for norm in self.norms.values() for seed in self.seeds
+        ]
 
-    def arms(self, get: Lookup, spec: RunSpec) -> ArmRuns:
+    def arms(self, get: Lookup, spec: TrainConfig) -> ArmRuns:
         return {arm: get(spec, norm) for arm, norm in self.norms.items()}
 
-    def sweep(self, get: Lookup, specs: Sequence[RunSpec]) -> SweepRuns:
+    def sweep(self, get: Lookup, specs: Sequence[TrainConfig]) -> SweepRuns:
         """The runs of ``specs`` (one network per swept value), arm by arm."""
         by_spec = [self.arms(get, spec) for spec in specs]
         return {arm: [runs[arm] for runs in by_spec] for arm in ARMS}

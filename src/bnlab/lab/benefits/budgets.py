@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bnlab.models import FC_INITS
+from bnlab.config import FC_INITS
 
 
 @dataclass(frozen=True)

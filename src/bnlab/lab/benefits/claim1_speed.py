@@ -8,6 +8,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+from bnlab.config import TrainConfig
 from bnlab.lab.benefits.arms import ARMS, PLAIN, WITH_BN, Lab, Lookup
 from bnlab.lab.benefits.evidence import (
     Claim,
@@ -19,8 +20,8 @@ from bnlab.lab.benefits.evidence import (
     spread_text,
 )
 from bnlab.lab.benefits.networks import NOTEBOOK_CONVNET, PAPER_MLP, RECIPES, conv_eval_images
-from bnlab.lab.benefits.runs import Run, RunSpec
 from bnlab.lab.benefits.verdicts import SPEEDUP_MARGIN, Comparison
+from bnlab.training import RunResult
 
 CLAIM = Claim(
     1, "Networks train faster", "Networks train faster (each iteration is slower, but convergence comes much sooner)."
@@ -48,7 +49,7 @@ def experiment(lab: Lab) -> Experiment:
     return Experiment(CLAIM.number, lab.jobs(list(setups.values())), partial(analyse, lab, setups))
 
 
-def analyse(lab: Lab, setups: dict[str, RunSpec], get: Lookup, out: Path) -> ClaimResult:
+def analyse(lab: Lab, setups: dict[str, TrainConfig], get: Lookup, out: Path) -> ClaimResult:
     budget = lab.budget
     comparisons, rows, cost_rows, panels, heads = [], [], [], [], []
     for name, spec in setups.items():
@@ -134,7 +135,7 @@ def analyse(lab: Lab, setups: dict[str, RunSpec], get: Lookup, out: Path) -> Cla
     )
 
 
-def time_to(run: Run, accuracy: float, clock: str) -> float:
+def time_to(run: RunResult, accuracy: float, clock: str) -> float:
     """Batches (``clock="batch"``) or training seconds until ``run`` first reached ``accuracy``; inf if never."""
     point = run.first_reaching(accuracy)
     return point[clock] if point is not None else math.inf
@@ -149,7 +150,7 @@ def seconds_text(values: list[float]) -> str:
     return text if len(finite) == len(values) else f"{text} (never in {len(values) - len(finite)}/{len(values)} seeds)"
 
 
-def speed_headline(name: str, plain: list[Run], bn: list[Run], cost_ratio: float) -> str:
+def speed_headline(name: str, plain: list[RunResult], bn: list[RunResult], cost_ratio: float) -> str:
     """The highest threshold BN reached in every seed, and how long each arm took to get there."""
     cost = f"a BN iteration costs {cost_ratio:.2f}x, median over seeds"
     for threshold in reversed(THRESHOLDS):

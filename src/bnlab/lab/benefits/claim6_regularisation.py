@@ -21,9 +21,9 @@ from bnlab.lab.benefits.evidence import (
     spread_text,
 )
 from bnlab.lab.benefits.networks import PAPER_MLP, RECIPES, RECIPES_TEXT
-from bnlab.lab.benefits.runs import Run
 from bnlab.lab.benefits.sweeps import Sweep
 from bnlab.lab.benefits.verdicts import ACCURACY_MARGIN, Comparison
+from bnlab.training import RunResult
 
 CLAIM = Claim(6, "Regularisation", "It regularises a little (sometimes as well as dropout).")
 WIDE_MLP = (512, 512)  # wide enough to overfit, and for dropout to have units to spare
@@ -45,7 +45,7 @@ def experiment(lab: Lab) -> Experiment:
     return Experiment(CLAIM.number, lab.jobs(sweep.all_specs()), partial(analyse, lab, sweep))
 
 
-def gap(run: Run) -> float | None:
+def gap(run: RunResult) -> float | None:
     """Training minus validation accuracy at the end; none for a diverged run."""
     return None if run.diverged else run.points[-1]["train_accuracy"] - run.points[-1]["val_accuracy"]
 

@@ -20,9 +20,9 @@ from bnlab.lab.benefits.evidence import (
     spread_text,
 )
 from bnlab.lab.benefits.networks import NOTEBOOK_CONVNET, PAPER_MLP, conv_eval_images
-from bnlab.lab.benefits.runs import Run
 from bnlab.lab.benefits.sweeps import Sweep, rows_by_value
 from bnlab.lab.benefits.verdicts import ACCURACY_MARGIN, Comparison
+from bnlab.training import RunResult
 
 CLAIM = Claim(7, "Better results", "It may give better results overall.")
 
@@ -49,7 +49,7 @@ def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path) -> ClaimResult:
     for name, at in sweep.runs(lab, get).items():
         seconds = sweep.specs[name][0].seconds
         chosen = {  # per seed, the run at the learning rate that did best
-            arm: [max((runs[i] for runs in per_lr), key=Run.best) for i in range(len(lab.seeds))]
+            arm: [max((runs[i] for runs in per_lr), key=RunResult.best) for i in range(len(lab.seeds))]
             for arm, per_lr in at.items()
         }
         best = {arm: [r.best() for r in runs] for arm, runs in chosen.items()}
@@ -59,14 +59,14 @@ def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path) -> ClaimResult:
             )
         )
         heads.append(f"{name} {mean_text(best[WITH_BN])} with BN vs {mean_text(best[PLAIN])} without")
-        rows += rows_by_value(name, [f"{lr:g}" for lr in budget.best_lrs], at, Run.best)
+        rows += rows_by_value(name, [f"{lr:g}" for lr in budget.best_lrs], at, RunResult.best)
         choice_rows += [
             (
                 name,
                 arm,
-                range_text([r.spec.lr for r in runs]),
+                range_text([r.config.lr for r in runs]),
                 spread_text(best[arm]),
-                spread_text([float(r.batches) for r in runs], 0),
+                spread_text([float(r.batches_done) for r in runs], 0),
                 spread_text([r.seconds_per_batch * 1000 for r in runs], 2),
             )
             for arm, runs in chosen.items()

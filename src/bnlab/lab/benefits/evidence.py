@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from bnlab import reports
+from bnlab.config import TrainConfig
 from bnlab.lab.benefits.arms import Lookup
-from bnlab.lab.benefits.runs import Job, Run
 from bnlab.lab.benefits.verdicts import Comparison, verdict
+from bnlab.training import RunResult
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Experiment:
     """The runs one claim needs, and how to turn them into its evidence."""
 
     number: int
-    jobs: list[Job]
+    jobs: list[TrainConfig]
     analyse: Callable[[Lookup, Path], ClaimResult]  # (runs, output folder for figures) -> result
 
 
@@ -130,7 +131,12 @@ def accuracy_ylim(values: Sequence[float | None]) -> tuple[float, float]:
 
 
 def curve_panel(
-    title: str, runs_by_label: Mapping[str, list[Run]], *, x: str = "batch", y: str = "val_accuracy", **kwargs: Any
+    title: str,
+    runs_by_label: Mapping[str, list[RunResult]],
+    *,
+    x: str = "batch",
+    y: str = "val_accuracy",
+    **kwargs: Any,
 ) -> reports.Panel:
     """One curve per label (mean and band over its runs; one line per run when x is time)."""
     xlabel = {"batch": "batch", "seconds": "training seconds"}[x]

@@ -11,15 +11,18 @@ from typing import Any
 import torch
 
 from bnlab import reports
+from bnlab.config import TrainConfig
 from bnlab.data import VALIDATION_SIZE
+from bnlab.fileio import atomic_write_bytes
 from bnlab.lab.benefits.arms import WITH_BN
 from bnlab.lab.benefits.budgets import Budget
 from bnlab.lab.benefits.evidence import ClaimResult
 from bnlab.lab.benefits.networks import PAPER_MLP
-from bnlab.lab.benefits.runs import Job, Run, RunStore, finite_or_none
+from bnlab.lab.benefits.runs import run_dir
 from bnlab.lab.benefits.sweeps import USABLE_ACCURACY
 from bnlab.lab.benefits.verdicts import ACCURACY_MARGIN, DEAD_MARGIN, SPEEDUP_MARGIN, Comparison
-from bnlab.training.runs import atomic_write_bytes
+from bnlab.training import RunResult
+from bnlab.training.store import finite_or_none
 
 TONES = {"supported": "good", "not supported": "bad", "mixed": "mixed"}
 BN_NAMES = {"torch": "PyTorch's `nn.BatchNorm1d/2d`", "manual": "bnlab's own `BatchNorm1d/2d`"}
@@ -35,7 +38,7 @@ class BenefitsResult:
     seeds: tuple[int, ...]
     bn: str
     device: str
-    runs: dict[Job, Run]
+    runs: dict[TrainConfig, RunResult]
     trained: int
     wall_seconds: float
 
@@ -44,7 +47,7 @@ class BenefitsResult:
         return sorted({run.threads for run in self.runs.values()})
 
     def to_dict(self) -> dict[str, Any]:
-        store = RunStore(self.out_dir / "runs", torch.device(self.device).type)
+        device = torch.device(self.device)
         return {
             "budget": self.budget.name,
             "seeds": list(self.seeds),
@@ -57,12 +60,12 @@ class BenefitsResult:
             "claims": [c.to_dict() for c in self.claims],
             "runs": [
                 {
-                    "file": store.path(job).name,
-                    "spec": job.spec.to_dict(),
+                    "run_dir": run_dir(self.out_dir / "runs", job, device).name,
+                    "config": job.to_dict(),
                     "bn": job.bn,
                     "seed": job.seed,
                     "status": run.status,
-                    "batches": run.batches,
+                    "batches": run.batches_done,
                     "train_seconds": round(run.train_seconds, 3),
                     "final_val_accuracy": run.final(),
                 }

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnlab import reports
+from bnlab.config import TrainConfig
 from bnlab.lab.benefits.arms import ARMS, PLAIN, WITH_BN, Lab, Lookup, SweepRuns
 from bnlab.lab.benefits.evidence import range_text, spread_text
 from bnlab.lab.benefits.networks import RECIPES
-from bnlab.lab.benefits.runs import Run, RunSpec
+from bnlab.training import RunResult
 
 USABLE_ACCURACY = 0.90  # a run is usable when it does not diverge and ends at or above this
 USABLE_RULE = (
@@ -30,14 +31,14 @@ class Sweep:
     ``specs[base][i]`` is base network ``base`` at ``values[base][i]``."""
 
     values: dict[str, tuple[Any, ...]]
-    specs: dict[str, list[RunSpec]]
+    specs: dict[str, list[TrainConfig]]
 
     @classmethod
     def over(
         cls,
-        bases: Mapping[str, RunSpec],
+        bases: Mapping[str, TrainConfig],
         values: Sequence[Any] | Mapping[str, Sequence[Any]],
-        vary: Callable[[RunSpec, Any], RunSpec],
+        vary: Callable[[TrainConfig, Any], TrainConfig],
     ) -> Sweep:
         """``values`` for every base, or {base: its own values}; ``vary(spec, value)`` sets one value."""
         per_base = values if isinstance(values, Mapping) else dict.fromkeys(bases, values)
@@ -46,7 +47,7 @@ class Sweep:
             {name: [vary(spec, value) for value in per_base[name]] for name, spec in bases.items()},
         )
 
-    def all_specs(self) -> list[RunSpec]:
+    def all_specs(self) -> list[TrainConfig]:
         return [spec for specs in self.specs.values() for spec in specs]
 
     def runs(self, lab: Lab, get: Lookup) -> dict[str, SweepRuns]:
@@ -54,18 +55,18 @@ class Sweep:
         return {name: lab.sweep(get, specs) for name, specs in self.specs.items()}
 
 
-def usable(run: Run) -> bool:
+def usable(run: RunResult) -> bool:
     final = run.final()
     return final is not None and final >= USABLE_ACCURACY
 
 
-def count_usable(per_value: list[list[Run]]) -> list[float]:
+def count_usable(per_value: list[list[RunResult]]) -> list[float]:
     """Per seed, how many of the swept values gave a usable run."""
     seeds = range(len(per_value[0]))
     return [float(sum(usable(runs[i]) for runs in per_value)) for i in seeds]
 
 
-def largest_usable(values: Sequence[float], per_value: list[list[Run]]) -> list[float]:
+def largest_usable(values: Sequence[float], per_value: list[list[RunResult]]) -> list[float]:
     """Per seed, the largest of ``values`` whose run is usable (0 when none is)."""
     seeds = range(len(per_value[0]))
     usable_values = [[v for v, runs in zip(values, per_value, strict=True) if usable(runs[i])] for i in seeds]
@@ -79,7 +80,7 @@ def usable_headline(recipe: str, by_arm: Mapping[str, list[float]], zero: str = 
 
 
 def rows_by_value(
-    name: str, labels: Sequence[str], at: SweepRuns, score: Callable[[Run], float | None]
+    name: str, labels: Sequence[str], at: SweepRuns, score: Callable[[RunResult], float | None]
 ) -> list[tuple[str, ...]]:
     """One row per swept value: ``name``, the value's label, then each arm's score over seeds."""
     return [
@@ -96,7 +97,7 @@ def final_accuracy_by_recipe(labels: Sequence[str], runs: Mapping[str, SweepRuns
 
 
 def sweep_panel(
-    title: str, xlabel: str, xs: Sequence[float], runs_at: Mapping[str, list[list[Run]]], **kwargs: Any
+    title: str, xlabel: str, xs: Sequence[float], runs_at: Mapping[str, list[list[RunResult]]], **kwargs: Any
 ) -> reports.Panel:
     """Final validation accuracy against a swept value (one curve per seed); diverged runs are crosses at 0."""
     series, marks = {}, {}

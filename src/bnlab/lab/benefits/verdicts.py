@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bnlab.config import check_choice
 from bnlab.lab.benefits.arms import PLAIN, WITH_BN
-from bnlab.models import check_choice
 
 VERDICTS = ("supported", "not supported", "mixed")
 

@@ -1,0 +1,107 @@
+"""Argument types and options shared by every command: ranges checked up front, outputs checked before work."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from bnlab.config import MAX_BATCHES, MAX_SEED
+from bnlab.errors import UsageError
+
+DATA_HELP = "folder holding the four MNIST files (default: $BNLAB_DATA_DIR, else download to ~/.cache/bnlab)"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line and exit status 2, instead of argparse's usage dump."""
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def number(kind: type, minimum: float, maximum: float = math.inf, inclusive: bool = True) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` in [minimum, maximum] (minimum excluded unless ``inclusive``), finite."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not math.isfinite(value) or (value < minimum if inclusive else value <= minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum:g}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, 1, 10**8)
+non_negative_int = number(int, 0, 10**8)
+positive_float = number(float, 0.0, 1e6, inclusive=False)
+batches_int = number(int, 1, MAX_BATCHES)
+seed_int = number(int, 0, MAX_SEED)
+
+
+def csv_choices(allowed: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        items = [item.strip() for item in text.split(",")]
+        bad = [item for item in items if item not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(allowed)}, got {text!r}")
+        return ",".join(items)
+
+    return parse
+
+
+def common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    """--data-dir, --device and --json: every command takes them (--data-dir where it reads MNIST)."""
+    if data:
+        p.add_argument("--data-dir", metavar="DIR", help=DATA_HELP)
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (logs go to stderr)")
+
+
+def fast_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-fast",
+        action="store_true",
+        help="turn off the speed-ups (channels_last, fused Adam, compiled BN kernels), e.g. to debug",
+    )
+
+
+def emitter(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where human-readable lines go: stdout, or stderr when stdout carries JSON."""
+    return (lambda line: print(line, file=sys.stderr)) if args.json else print
+
+
+def writable_folder(path: str | Path) -> Path:
+    """``path`` as an output folder, created if needed and proven writable now, before any long work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path} exists and is not a folder; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write to {path} ({err.strerror or err}); choose another --out") from None
+    return path
+
+
+def writable_file(path: str | Path, overwrite: bool = True) -> Path:
+    """``path`` as an output file whose folder is writable now, before any long work."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} exists; choose another name, or pass --overwrite to replace it")
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {path}: its folder {folder} does not exist or is not writable")
+    writable_folder(folder)
+    return path

@@ -1,0 +1,213 @@
+"""``bnlab train``, ``evaluate``, ``recalibrate`` and ``summary``: one network at a time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bnlab.cli.args import (
+    batches_int,
+    common,
+    emitter,
+    fast_flag,
+    non_negative_int,
+    number,
+    positive_float,
+    positive_int,
+    seed_int,
+    writable_file,
+)
+from bnlab.config import ACTIVATIONS, BN_MODES, LOSSES, TrainConfig
+from bnlab.errors import UsageError
+
+BN_HELP = "none; torch = nn.BatchNorm; manual = bnlab's own BN (default: manual)"
+number_at_least_2 = number(int, 2, 10**8)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bnlab.training import store, train
+
+    emit = emitter(args)
+    if args.resume:
+        if not args.out:
+            raise UsageError("--resume needs --out, the run directory to continue")
+        config = store.read_config(Path(args.out))
+        out = Path(args.out)
+        emit(f"Resuming {out} (bn={config.bn}, seed {config.seed}, {config.batches} batches)")
+    else:
+        config = TrainConfig(
+            bn=args.bn, batches=args.batches, batch_size=args.batch_size, lr=args.lr, loss=args.loss, seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+        )  # fmt: skip
+        out = Path(args.out) if args.out else store.default_run_dir("runs/train", config)
+    result = train(
+        config, run_dir=out, resume=args.resume, data_dir=args.data_dir, device=args.device, log=emit,
+        fast=not args.no_fast,
+    )  # fmt: skip
+    emit(f"Run written to {out} (wall time {result.wall_seconds:.1f} s)")
+    if args.json:
+        print(json.dumps(result.summary() | {"run_dir": str(out)}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from bnlab.data import load_mnist
+    from bnlab.nn import is_batch_norm
+    from bnlab.training import load_model, resolve_device
+    from bnlab.training.runner import precise_copy, score_lines, scores, training_split
+
+    device = resolve_device(args.device)
+    checkpoint = load_model(args.checkpoint, device)
+    config, model = checkpoint.config, checkpoint.model
+    data = load_mnist(args.data_dir).to(device)
+    samples = min(args.samples, len(data.test))
+    stored = scores(model, data, config.loss, samples)
+    kind = checkpoint.payload.get("statistics", {}).get("kind", "EMA")
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint.path),
+        "config": config.to_dict(),
+        "one_at_a_time_samples": samples,
+        "statistics": kind,  # the scores below use the checkpoint's own statistics
+        **stored,
+        "precise": None,  # the same scores with precise statistics
+    }
+    emit = emitter(args)
+    emit(f"Checkpoint {checkpoint.path}: bn={config.bn}, seed {config.seed}, {config.batches} batches")
+    if any(is_batch_norm(m) for m in model.modules()) and args.precise_samples:
+        split = training_split(config, data)
+        precise, done = precise_copy(model, split, args.precise_samples, config.batch_size, config.seed)
+        result["precise"] = scores(precise, data, config.loss, samples) | {
+            "samples": done.samples,
+            "seconds": done.seconds,
+        }
+        emit(f"Precise statistics: recomputed from {done.samples:,} training images in {done.seconds:.2f} s")
+    for line in score_lines(stored, result["precise"], samples, kind, final=False):
+        emit(line)
+    if result["precise"] and result["precise"]["test_accuracy"] - stored["test_accuracy"] > 0.02:
+        emit(f"The stored statistics cost test accuracy: `bnlab recalibrate {args.checkpoint}` writes precise ones.")
+    if samples and stored.get("one_at_a_time_accuracy", 1.0) < stored["test_accuracy"] - 0.2:
+        emit("Warning: one-at-a-time accuracy is far below test accuracy; population statistics were probably not "
+             "tracked or not used.")  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    from bnlab.data import load_mnist
+    from bnlab.training import load_model, resolve_device, store
+    from bnlab.training.runner import precise_copy, score_lines, scores, training_split
+
+    device = resolve_device(args.device)
+    checkpoint = load_model(args.checkpoint, device)
+    config = checkpoint.config
+    source = checkpoint.path
+    out = Path(args.out) if args.out else source.with_name(f"{source.stem}-precise{source.suffix}")
+    writable_file(out, overwrite=args.overwrite)
+    if out.resolve() == source.resolve():
+        raise UsageError(f"--out {out} is the checkpoint being recalibrated; write the result beside it")
+    data = load_mnist(args.data_dir).to(device)
+    samples = min(args.one_at_a_time, len(data.test))
+    batch_size = args.batch_size or config.batch_size
+    before = scores(checkpoint.model, data, config.loss, samples)
+    model, done = precise_copy(checkpoint.model, training_split(config, data), args.samples, batch_size, config.seed)
+    if not done.layers:
+        raise UsageError(f"{source} has no batch-norm layer with running statistics: there is nothing to recalibrate")
+    after = scores(model, data, config.loss, samples)
+    statistics = {"kind": "precise", "samples": done.samples, "batch_size": batch_size, "from": source.name}
+    payload = {key: value for key, value in checkpoint.payload.items() if key not in ("format", "version", "resume")}
+    store.save_checkpoint(out, payload | {"state_dict": model.state_dict(), "statistics": statistics})
+    emit = emitter(args)
+    emit(f"Recalibrated {len(done.layers)} BN layers from {done.samples:,} training images in {done.seconds:.2f} s")
+    for line in score_lines(before, after, samples, kind="stored", final=False):
+        emit(line)
+    emit(f"Written to {out}")
+    if args.json:
+        report = {"checkpoint": str(source), "out": str(out), "before": before, "after": after}
+        print(json.dumps(report | {"samples": done.samples, "seconds": done.seconds, "layers": done.layers}, indent=2))
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from bnlab.models import build_network, layer_rows, summary
+    from bnlab.training import resolve_device
+
+    config = TrainConfig(bn=args.bn, depth=args.depth, activation=args.activation)
+    model = build_network(config).to(resolve_device(args.device))
+    if args.json:
+        print(json.dumps({"config": config.to_dict(), "layers": layer_rows(model)}, indent=2))
+    else:
+        print(summary(model))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the seed ConvNet once, as the notebook does",
+        description="Train the 20-layer ConvNet on MNIST with the notebook's procedure; writes a run directory. "
+        "At the end it scores the network with its running (EMA) statistics and with precise ones.",
+    )
+    p.add_argument("--bn", choices=BN_MODES, default="manual", help=BN_HELP)
+    p.add_argument("--batches", type=batches_int, default=800, help="training batches (default: 800)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="examples per batch (default: 64)")
+    p.add_argument("--lr", type=positive_float, default=0.002, help="Adam learning rate (default: 0.002)")
+    p.add_argument(
+        "--loss", choices=LOSSES, default="sigmoid", help="sigmoid (the notebook's) or softmax cross-entropy"
+    )
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for weights and batches, 0..2^63-1 (default: 0)")
+    p.add_argument("--out", metavar="DIR", help="run directory to create (default: runs/train/BN-seedS-TIME-PID)")
+    p.add_argument(
+        "--checkpoint-every", type=non_negative_int, default=0, metavar="N",
+        help="also save a resumable checkpoint every N batches (default: only at the end)",
+    )  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue the stopped run in --out from its last checkpoint")
+    common(p)
+    fast_flag(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score a saved run, with its stored statistics and with precise ones",
+        description="Reload a checkpoint and score it on validation, test, and test samples classified one at a "
+        "time: with the statistics it stores, and with precise statistics recomputed from training images.",
+    )
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or a checkpoint file")
+    p.add_argument(
+        "--samples", type=non_negative_int, default=100, help="test images to classify one at a time (default: 100)"
+    )
+    p.add_argument(
+        "--precise-samples", type=non_negative_int, default=8192, metavar="N",
+        help="training images for precise statistics; 0 skips them (default: 8192)",
+    )  # fmt: skip
+    common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "recalibrate",
+        help="recompute a checkpoint's batch-norm statistics precisely (the fix for stale statistics)",
+        description="Recompute every BN layer's population statistics from training images with the weights "
+        "frozen, print accuracy before and after, and write the result as a new checkpoint beside the original "
+        "(RUN/checkpoint-precise.pt by default). bnlab evaluate and bnlab check accept it.",
+    )
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or a checkpoint file")
+    p.add_argument("--samples", type=number_at_least_2, default=8192, help="training images to use (default: 8192)")
+    p.add_argument("--batch-size", type=number_at_least_2, help="images per batch (default: the run's, 64)")
+    p.add_argument("--one-at-a-time", type=non_negative_int, default=100, metavar="N", help="test images scored alone")
+    p.add_argument("--out", metavar="FILE", help="where to write (default: CHECKPOINT-precise.pt beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    common(p)
+    p.set_defaults(func=cmd_recalibrate)
+
+    p = sub.add_parser(
+        "summary",
+        help="print the seed ConvNet's layers, shapes and parameter counts",
+        description="Print a summary of the seed ConvNet.",
+    )
+    p.add_argument("--bn", choices=BN_MODES, default="manual", help=BN_HELP)
+    p.add_argument("--depth", type=number(int, 1, 200), default=19, help="conv layers, 1..200 (default: 19)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default="relu", help="activation function (default: relu)")
+    common(p, data=False)
+    p.set_defaults(func=cmd_summary)

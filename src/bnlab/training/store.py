@@ -1,0 +1,324 @@
+"""The run store: what a training run leaves on disk, written so that nothing is lost and nobody collides.
+
+A run directory holds::
+
+    config.json      {"format", "version", "config": TrainConfig, "bnlab", "torch", "device", ...},
+                     written before the first step
+    metrics.jsonl    one JSON object per line, appended and flushed as the run goes; "step" is the
+                     number of training steps done when the record was written, "batch" its label:
+                     {"event": "step", "step": 18, "batch": 17, "loss": ..}     every batch's training loss
+                     {"event": "eval", "step": 101, "batch": 100, "split": "validation", "loss": ..,
+                      "accuracy": .., "seconds": ..}                              an evaluation
+    summary.json     {"status": running | completed | diverged | interrupted | failed, "message", figures};
+                     rewritten whole, so always a complete document
+    checkpoint.pt    the latest state: model, and (for resuming) optimizer, batch order, RNG and the step
+    checkpoint-N.pt  snapshots of the model after batch N, when the config asks for them
+    .lock            held (flock) by the one process writing the run
+
+Guarantees:
+- **One writer.** ``RunDir.create`` makes the directory with an atomic ``mkdir``, or takes an empty
+  existing one, and holds an exclusive lock on ``.lock`` for the run's lifetime; a second writer is
+  refused (``UsageError``, exit 2) instead of interleaving its metrics. The lock dies with its
+  process, so a killed run never blocks the next.
+- **Nothing torn.** JSON files and checkpoints are written beside their target and renamed over it;
+  every line of metrics.jsonl but possibly the last is complete (``read_metrics`` skips a torn last
+  line).
+- **Versioned.** Files carry ``format`` and ``version``; another version is refused by name.
+- **Resumable.** A run that stopped (interrupted, killed, failed) resumes from its latest checkpoint:
+  ``RunDir.resume`` drops the metrics written after it, and the loop continues from that step.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+from bnlab.config import TrainConfig
+from bnlab.errors import CheckpointError, UsageError
+from bnlab.fileio import atomic_write_bytes, read_json, temporary_beside, write_json
+from bnlab.version import __version__
+
+FORMAT, CHECKPOINT_FORMAT, VERSION = "bnlab.run", "bnlab.checkpoint", 2
+CONFIG, METRICS, SUMMARY, CHECKPOINT, LOCK = "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", ".lock"
+STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
+FINISHED = ("completed", "diverged")  # a run that ended by itself: its result stands and can be reused
+
+
+def snapshot_name(batch: int) -> str:
+    return f"checkpoint-{batch}.pt"
+
+
+def default_run_dir(root: str | Path, config: TrainConfig) -> Path:
+    """``ROOT/BN-seedS-YYYYmmdd-HHMMSS-PID``: distinct for runs started in the same second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{config.bn}-seed{config.seed}-{stamp}-{os.getpid()}"
+
+
+class RunDir:
+    """One run directory, held exclusively by this process until ``close``."""
+
+    def __init__(self, path: Path, lock: IO[str]) -> None:
+        self.path = path
+        self._lock = lock
+        self._metrics: IO[str] | None = None
+
+    @classmethod
+    def create(cls, path: str | Path, *, replace: bool = False) -> RunDir:
+        """A new run in ``path``, which must not exist or be empty; refused if another process writes it.
+
+        ``replace``: a folder holding a bnlab run's files and nothing else (an unfinished run, or one of
+        another config) is cleared first, under the lock, so a concurrent writer's files are never deleted.
+        """
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir()
+            except FileExistsError:
+                if not path.is_dir():
+                    raise UsageError(f"{path} exists and is not a folder; choose another --out") from None
+            run = cls(path, cls._take_lock(path))
+        except OSError as err:
+            raise UsageError(f"cannot create the run folder {path}: {err.strerror or err}") from None
+        try:
+            present = [p for p in path.iterdir() if p.name != LOCK]
+            if present and replace and _only_run_files(present):
+                for p in present:
+                    p.unlink()
+                present = []
+            if present:
+                raise UsageError(
+                    f"{path} is not empty; choose another --out, remove that folder, or resume the run in it (--resume)"
+                )
+        except BaseException:
+            run.close()
+            raise
+        return run
+
+    @classmethod
+    def resume(cls, path: str | Path) -> tuple[RunDir, dict[str, Any]]:
+        """The stopped run in ``path`` and its latest checkpoint; metrics after that checkpoint are dropped."""
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise UsageError(f"{path} holds no bnlab run to resume (no {CONFIG}); start a new run instead")
+        run = cls(path, cls._take_lock(path))
+        try:
+            summary = read_summary(path)
+            if summary.get("status") in FINISHED:
+                raise UsageError(f"{path} holds a run that already {summary['status']}; there is nothing to resume")
+            checkpoint = load_checkpoint(path / CHECKPOINT)
+            if "resume" not in checkpoint:
+                raise CheckpointError(f"{path / CHECKPOINT} has no training state to resume from")
+            step = checkpoint["step"]
+            kept = [r for r in read_metrics(path / METRICS) if r["step"] <= step]  # the rest is redone
+            atomic_write_bytes(path / METRICS, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        except BaseException:
+            run.close()
+            raise
+        return run, checkpoint
+
+    @staticmethod
+    def _take_lock(path: Path) -> IO[str]:
+        lock = open(path / LOCK, "a")  # noqa: SIM115 (held open for the run's lifetime)
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise UsageError(f"another bnlab process is writing {path}; wait for it or choose another --out") from None
+        return lock
+
+    def write_config(self, config: TrainConfig, **details: Any) -> None:
+        header = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "bnlab": __version__}
+        write_json(self.path / CONFIG, header | {"torch": torch.__version__} | details)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.path / SUMMARY, finite_or_none(summary))
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Append one record to metrics.jsonl and flush it."""
+        if self._metrics is None:
+            self._metrics = open(self.path / METRICS, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self._metrics.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
+        self._metrics.flush()
+
+    def save_checkpoint(self, name: str, payload: dict[str, Any]) -> None:
+        save_checkpoint(self.path / name, payload)
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        self._lock.close()  # releases the flock
+
+
+def _only_run_files(present: list[Path]) -> bool:
+    """Whether ``present`` are all files a bnlab run writes (a user's own files are never deleted)."""
+    known = {CONFIG, METRICS, SUMMARY, CHECKPOINT}
+    return all(p.is_file() and (p.name in known or p.name.startswith((".", "checkpoint-"))) for p in present)
+
+
+def finite_or_none(obj: Any) -> Any:
+    """JSON has no NaN or infinity: they are written as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def read_metrics(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (from a killed run) is skipped."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                if line.endswith("\n"):  # only a torn final line is expected; anything else is damage
+                    raise CheckpointError(f"{path}: corrupt line {line[:60]!r}") from None
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    try:
+        summary = read_json(run_dir / SUMMARY)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {run_dir / SUMMARY}: {err}") from None
+    if not isinstance(summary, dict):
+        raise CheckpointError(f"{run_dir / SUMMARY} is not a run summary")
+    return summary
+
+
+def read_config(run_dir: Path) -> TrainConfig:
+    """The validated TrainConfig of the run in ``run_dir``."""
+    try:
+        header = read_json(run_dir / CONFIG)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {run_dir / CONFIG}: {err}") from None
+    _check_format(run_dir / CONFIG, header, FORMAT)
+    return _config(header, run_dir / CONFIG)
+
+
+def _check_format(path: Path, payload: Any, expected: str) -> None:
+    if not isinstance(payload, dict) or payload.get("format") != expected:
+        raise CheckpointError(f"{path} is not a bnlab {expected.split('.')[-1]} file (no format marker {expected!r})")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} has {expected} version {payload.get('version')}; this bnlab ({__version__}) reads version "
+            f"{VERSION}. Retrain the run with this version."
+        )
+
+
+def _config(payload: dict[str, Any], path: Path) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(payload.get("config"), where=f"{path}: config")
+    except UsageError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """``payload`` (config, state_dict, ...) with the format marker, written atomically; tensors moved to the CPU."""
+    payload = {"format": CHECKPOINT_FORMAT, "version": VERSION, **payload}
+    payload["state_dict"] = {k: v.detach().cpu() for k, v in payload["state_dict"].items()}
+    fd, tmp = temporary_beside(path)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read back and validated: its config, and the model rebuilt with its weights."""
+
+    path: Path
+    config: TrainConfig
+    model: nn.Module
+    payload: dict[str, Any]
+
+
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """The checkpoint file: ``path`` itself, or the checkpoint.pt of the run directory ``path``."""
+    path = Path(path)
+    return path / CHECKPOINT if path.is_dir() else path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A bnlab checkpoint's payload, given the file or its run directory; never executes code from it."""
+    path = checkpoint_path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {path}; pass a run directory written by `bnlab train` "
+            "(it holds checkpoint.pt once the run completes) or the checkpoint file itself."
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    except Exception as err:  # torch raises many types for a damaged or foreign file
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    _check_format(path, payload, CHECKPOINT_FORMAT)
+    if not isinstance(payload.get("state_dict"), dict):
+        raise CheckpointError(f"{path} has no state_dict of weights")
+    return payload
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the network of a checkpoint (file or run directory), validated before and after building.
+
+    Before: the config is checked against TrainConfig's schema and bounds, so a hostile or mistaken
+    one (an unknown key, depth 100000) is refused by name instead of exhausting memory. After: every
+    weight must have the shape the network expects (a one-line error names the first that does not),
+    and non-finite weights are refused, naming the tensor.
+    """
+    from bnlab.models import build_network
+
+    path = checkpoint_path(path)
+    payload = load_checkpoint(path)
+    config = _config(payload, path)
+    try:
+        model = build_network(config)
+    except UsageError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    expected = model.state_dict()
+    state = payload["state_dict"]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match a {config.model} with bn={config.bn}: "
+            + "; ".join(
+                p
+                for p in (
+                    f"missing {missing[:3]}" if missing else "",
+                    f"unexpected {unexpected[:3]}" if unexpected else "",
+                )
+                if p
+            )
+        )
+    for key, value in expected.items():
+        stored = state[key]
+        if not isinstance(stored, torch.Tensor) or stored.shape != value.shape:
+            shape = list(stored.shape) if isinstance(stored, torch.Tensor) else type(stored).__name__
+            raise CheckpointError(f"{path}: {key} has shape {shape}, the network expects {list(value.shape)}")
+        if stored.is_floating_point() and not torch.isfinite(stored).all():
+            raise CheckpointError(
+                f"{path}: {key} holds NaN or infinite values; the run diverged before this checkpoint"
+            )
+    model.load_state_dict(state)
+    return Checkpoint(path, config, model.to(device).eval(), payload)
