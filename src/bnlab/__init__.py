@@ -9,12 +9,15 @@ from bnlab.errors import BnlabError, CheckpointError, DataError, TrainingDiverge
 from bnlab.models import SeedConvNet, build_model, summary
 from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
 from bnlab.nn.convert import convert
+from bnlab.nn.recurrent import BNLSTM, BNLSTMCell, SequenceBatchNorm
 from bnlab.training.loop import RunResult, TrainConfig, evaluate, load_model, one_at_a_time_accuracy, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BNLSTM",
     "MNIST",
+    "BNLSTMCell",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -24,6 +27,7 @@ __all__ = [
     "DataError",
     "RunResult",
     "SeedConvNet",
+    "SequenceBatchNorm",
     "Split",
     "TrainConfig",
     "TrainingDiverged",
