@@ -10,11 +10,14 @@ from bnlab.models import SeedConvNet, build_model, summary
 from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
 from bnlab.nn.convert import convert
 from bnlab.nn.precise import Recalibration, recalibrate
+from bnlab.nn.recurrent import BNLSTM, BNLSTMCell, SequenceBatchNorm
 from bnlab.training import RunResult, TrainConfig, evaluate, load_model, one_at_a_time_accuracy, train
 from bnlab.version import __version__
 
 __all__ = [
+    "BNLSTM",
     "MNIST",
+    "BNLSTMCell",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -25,6 +28,7 @@ __all__ = [
     "Recalibration",
     "RunResult",
     "SeedConvNet",
+    "SequenceBatchNorm",
     "Split",
     "TrainConfig",
     "TrainingDiverged",

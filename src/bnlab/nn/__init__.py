@@ -1,16 +1,29 @@
 """bnlab's batch normalization.
 
-statistics.py  the maths in tensor ops: moments, their exact combination, normalization, gradients
-ops.py         the operators bnlab::batch_norm_{train,backward,eval} (compiled kernels or statistics.py)
-sync.py        synchronized batch norm over a process group (its own autograd Function)
-functional.py  batch_norm(): picks the operator, keeps the running statistics
-batchnorm.py   the layers BatchNorm1d/2d/3d (state only) and is_batch_norm
-convert.py     swap a model's BN layers between PyTorch's and bnlab's
+    statistics.py  the maths in tensor ops: moments, their exact combination, normalization, gradients
+    ops.py         the operators bnlab::batch_norm_{train,backward,eval} (compiled kernels or statistics.py)
+    sync.py        synchronized batch norm over a process group (its own autograd Function)
+    functional.py  batch_norm(): picks the operator, keeps the running statistics
+    batchnorm.py   the layers BatchNorm1d/2d/3d (state only) and is_batch_norm
+    convert.py     swap a model's BN layers between PyTorch's and bnlab's
+    recurrent.py   recurrent batch norm: SequenceBatchNorm (statistics per time step), BNLSTMCell, BNLSTM
 """
 
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batch_norm
 from bnlab.nn.convert import convert
 from bnlab.nn.functional import batch_norm
+from bnlab.nn.recurrent import BNLSTM, BNLSTMCell, SequenceBatchNorm
 from bnlab.nn.statistics import naive_batch_norm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "is_batch_norm", "naive_batch_norm"]
+__all__ = [
+    "BNLSTM",
+    "BNLSTMCell",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SequenceBatchNorm",
+    "batch_norm",
+    "convert",
+    "is_batch_norm",
+    "naive_batch_norm",
+]
