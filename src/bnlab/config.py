@@ -8,12 +8,16 @@ validation after batch 0 and every 100th, the training batch every 25th.
 Two evaluation cadences:
 
 - ``"notebook"``: after the step on batch *i*, validation when ``i % eval_every == 0``, else the
-  batch just trained on when ``i % log_every == 0``; at the end validation, test, the first
-  ``one_at_a_time`` test images classified alone, and the same with precise statistics
-  (``precise_samples``, see ``bnlab.nn.precise``).
+  batch just trained on when ``i % log_every == 0``. Every batch's loss is recorded.
 - ``"interval"`` (the lab's): validation before the first step, after every ``eval_every`` steps and
   after the last, on the first ``eval_size`` validation images, optionally with the accuracy on the
   first ``train_eval_size`` training images and the fraction of dead ReLU units (``dead_units``).
+  Only the evaluations are recorded.
+
+Final scores, at the end of a completed run (always with the notebook cadence; with the interval
+cadence when ``one_at_a_time`` or ``precise_samples`` asks for them): validation and test accuracy,
+the first ``one_at_a_time`` test images classified alone, and the same with precise statistics from
+``precise_samples`` training images (``bnlab.nn.precise``).
 
 A config is frozen, hashable and serialises to JSON with ``to_dict``; ``from_dict`` validates a
 stored one (unknown or missing keys, out-of-range values) before anything is built from it.
@@ -95,8 +99,8 @@ class TrainConfig:
     eval_size: int | None = None  # interval cadence: the first N validation images (None: all)
     train_eval_size: int = 0  # interval cadence: also the accuracy on the first N training images
     dead_units: bool = False  # interval cadence: also the fraction of ReLU units silent on every image
-    one_at_a_time: int = 100  # notebook cadence: test images classified alone at the end
-    precise_samples: int = 8192  # notebook cadence: training images for precise statistics at the end (0: off)
+    one_at_a_time: int = 100  # final scores: test images classified alone
+    precise_samples: int = 8192  # final scores: training images for precise statistics (0: none)
     checkpoint_every: int = 0  # a resumable checkpoint every N batches (0: only at the end)
     snapshots: tuple[int, ...] = ()  # keep the model after these batches as checkpoint-N.pt
 

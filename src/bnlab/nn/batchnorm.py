@@ -176,10 +176,13 @@ class BatchNorm3d(_BatchNorm):
 
 
 def is_batch_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a batch-norm layer: torch.nn's (``SyncBatchNorm`` and lazy ones included) or bnlab's.
+    """Whether ``module`` is a batch-norm layer: torch.nn's (``SyncBatchNorm`` and lazy ones included), bnlab's,
+    and bnlab's recurrent ``SequenceBatchNorm`` (statistics per time step).
 
     Instance and group norm layers are not, though they share methods such as ``reset_running_stats``.
     """
-    return isinstance(module, (_BatchNorm, _TorchBatchNorm)) and not isinstance(
-        module, nn.modules.instancenorm._InstanceNorm
-    )
+    from bnlab.nn.recurrent import SequenceBatchNorm  # recurrent.py builds on this module
+
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return False
+    return isinstance(module, (_BatchNorm, _TorchBatchNorm, SequenceBatchNorm))

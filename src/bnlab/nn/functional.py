@@ -15,6 +15,8 @@ with the running statistics, so a sample's output does not depend on the rest of
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,7 +28,21 @@ from bnlab.nn import (
     sync,
 )
 
-__all__ = ["batch_norm", "local_batch_norm"]
+__all__ = ["batch_norm", "local_batch_norm", "observing"]
+
+# While set (``bnlab.recalibrate``), a training-mode call with running statistics hands them to this
+# instead of updating them: observer(x, running_mean, running_var, weight, bias, eps, unbiased, relu) -> y.
+_observer: Callable[..., Tensor] | None = None
+
+
+@contextmanager
+def observing(observer: Callable[..., Tensor]) -> Iterator[None]:
+    global _observer
+    previous, _observer = _observer, observer
+    try:
+        yield
+    finally:
+        _observer = previous
 
 
 def batch_norm(
@@ -51,7 +67,7 @@ def batch_norm(
     if x.dim() < 2:
         raise ValueError(f"batch_norm expects input of shape (N, C, *), got shape {tuple(x.shape)}")
     batch_statistics = training or running_mean is None or running_var is None
-    if not (batch_statistics and sync.is_distributed(process_group)):
+    if _observer is not None or not (batch_statistics and sync.is_distributed(process_group)):
         return local_batch_norm(
             x, running_mean, running_var, weight, bias, training, momentum, eps, unbiased_running_var, relu
         )
@@ -74,6 +90,9 @@ def local_batch_norm(
     relu: bool,
 ) -> Tensor:
     """``batch_norm`` on this process's batch alone; positional, and TorchScript-compatible for the layers."""
+    if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript prunes only this exact form)
+        if _observer is not None and training and running_mean is not None:
+            return _observer(x, running_mean, running_var, weight, bias, eps, unbiased_running_var, relu)
     if not training and running_mean is not None and running_var is not None:
         return torch.ops.bnlab.batch_norm_eval(x, weight, bias, running_mean, running_var, eps, relu)
     y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, eps, relu)

@@ -9,21 +9,26 @@ what the weights can do (the notebook's network: 0.72 test accuracy with the EMA
 statistics, same weights). Wu & Johnson ("Rethinking 'Batch' in BatchNorm", 2021) call this EMA's
 instability and recommend precise BN; fvcore and pycls ship it.
 
-The estimator: the data is fed through the model in batches of ``batch_size``. Each BN layer
-normalizes every batch with that batch's own statistics, exactly as in training (so every layer sees
-the inputs it saw in training), and records the batch's per-feature (count, mean, biased variance).
-Those are pooled exactly at the end by ``statistics.combine_moments`` (Chan et al.): the result is
-the mean and variance of *every value the layer saw*, each batch weighted by its size, which is an
+The estimator: the data is fed through the model in batches of ``batch_size``. Every BN layer
+normalizes each batch with that batch's own statistics, exactly as in training (so each layer sees
+the inputs it saw in training), and the batch's per-feature (count, mean, biased variance) is
+recorded. They are pooled exactly by ``statistics.combine_moments`` (Chan et al.): the result is the
+mean and variance of *every value the layer normalized*, each batch weighted by its size, an
 unbiased estimate of the population's (the variance made unbiased, N / (N - 1), where the layer keeps
 an unbiased running variance, as PyTorch's do; bnlab's ``tf_style`` layers keep the biased one).
-Unlike averaging per-batch variances (what a cumulative moving average does), it includes the
-spread *between* batch means (the law of total variance). 10^3-10^4 samples are enough (Wu & Johnson).
+Unlike averaging per-batch variances (what a cumulative moving average does) it includes the spread
+*between* batch means (the law of total variance). 10^3-10^4 samples are enough (Wu & Johnson).
+
+Which statistics: a BN layer's running buffers, element by element. A layer called several times in
+one forward pass (shared between call sites) gets the statistics of everything it normalizes, as its
+running average does in training. A recurrent ``SequenceBatchNorm`` keeps a row per time step: each
+row gets the statistics of its step's inputs, and the last row those of every step from it on.
 
 What changes: only the BN layers' ``running_mean`` and ``running_var``. Weights are frozen (no
-gradients); only the BN layers compute batch statistics during the pass: dropout and everything
-else stay in eval mode (``torch.optim.swa_utils.update_bn`` switches dropout on, a known flaw).
-Modes, momenta and process groups come back afterwards, even when the pass fails, and a failure
-leaves the statistics as they were.
+gradients); only the BN layers compute batch statistics during the pass: dropout and everything else
+stay in eval mode (``torch.optim.swa_utils.update_bn`` switches dropout on, a known flaw). Modes,
+counters and process groups come back afterwards, and a pass that fails leaves every statistic as
+it was.
 
 Across processes: with ``process_group``, each process passes its own shard of the data and every
 layer gets the statistics of all shards together (one all_gather at the end, so shards may differ
@@ -59,29 +64,82 @@ class Recalibration:
     skipped: list[str] = field(default_factory=list)  # BN layers without running statistics, or never reached
 
 
-class _Moments:
-    """One layer's per-batch (count, mean, biased var), pooled exactly at the end."""
+class _Pool:
+    """Exact per-element (count, mean, M2) of what one running-statistics buffer's elements normalized.
 
-    def __init__(self) -> None:
-        self.counts: list[float] = []
-        self.means: list[Tensor] = []
-        self.variances: list[Tensor] = []
-        self.calls = 0  # in the current forward pass
+    Keyed by the buffer's storage, so views (a recurrent layer's rows) pool into the right elements.
+    """
 
-    def add(self, x: Tensor) -> None:
+    def __init__(self, running_mean: Tensor, running_var: Tensor, unbiased: bool) -> None:
+        self.mean_storage = _whole(running_mean)
+        self.var_storage = _whole(running_var)
+        self.offset = running_var.storage_offset() - running_mean.storage_offset()  # mean element i <-> var i + offset
+        self.unbiased = unbiased
+        size = self.mean_storage.numel()
+        device = running_mean.device
+        self.count = torch.zeros(size, dtype=torch.float64, device=device)
+        self.mean = torch.zeros(size, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(size, dtype=torch.float64, device=device)
+
+    def add(self, x: Tensor, running_mean: Tensor, running_var: Tensor) -> None:
+        if running_var.storage_offset() - running_mean.storage_offset() != self.offset:
+            raise UsageError("recalibrate: a BN layer's running mean and variance are not used as a pair")
         mean, var = statistics.moments(x)
-        self.counts.append(float(statistics.values_per_feature(x)))
-        self.means.append(mean)
-        self.variances.append(var)
+        n = float(statistics.values_per_feature(x))
+        at = slice(running_mean.storage_offset(), running_mean.storage_offset() + running_mean.numel())
+        counts = torch.stack([self.count[at], torch.full_like(mean, n)])
+        total, pooled_mean, pooled_var = statistics.combine_moments(
+            counts, torch.stack([self.mean[at], mean]), torch.stack([self.m2[at] / counts[0].clamp(min=1), var])
+        )
+        self.count[at], self.mean[at], self.m2[at] = total, pooled_mean, pooled_var * total
 
-    def pooled(self, num_features: int, device: torch.device) -> Tensor:
-        """(3, C) float64: count, mean, biased var of everything seen (zeros if nothing)."""
-        if not self.counts:
-            zeros = torch.zeros(num_features, dtype=torch.float64, device=device)
-            return torch.stack([zeros, zeros, zeros])
-        counts = torch.tensor(self.counts, dtype=torch.float64, device=self.means[0].device)[:, None]
-        total, mean, var = statistics.combine_moments(counts, torch.stack(self.means), torch.stack(self.variances))
-        return torch.stack([total.expand_as(mean), mean, var])
+    def state(self) -> Tensor:
+        return torch.stack([self.count, self.mean, self.m2 / self.count.clamp(min=1)])  # (3, size): count, mean, var
+
+    def write(self, state: Tensor) -> None:
+        count, mean, var = state
+        seen = count > 0
+        if self.unbiased:
+            var = torch.where(count > 1, var * count / (count - 1).clamp(min=1), var)
+        self.mean_storage[seen] = mean[seen].to(self.mean_storage.dtype)
+        index = seen.nonzero().squeeze(1) + self.offset
+        self.var_storage[index] = var[seen].to(self.var_storage.dtype)
+
+
+def _whole(t: Tensor) -> Tensor:
+    """A flat tensor over the whole storage of ``t`` (so its views' elements can be indexed directly)."""
+    return t.new_empty(0).set_(t.untyped_storage())
+
+
+class _Observer:
+    """Stands in for the running-statistics update during the pass: records, normalizes locally, keeps nothing.
+
+    One pool per BN layer, made before the pass in the model's module order, so that every process of
+    a group holds the same pools in the same order, whatever data it saw.
+    """
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.pools: dict[int, _Pool] = {}
+        for layer in layers:
+            unbiased = getattr(layer, "unbiased_running_var", True)  # torch.nn's layers keep it unbiased
+            self.pools[_key(layer.running_mean)] = _Pool(layer.running_mean, layer.running_var, unbiased)
+
+    def record(self, x: Tensor, running_mean: Tensor, running_var: Tensor) -> None:
+        pool = self.pools.get(_key(running_mean))
+        if pool is None:
+            raise UsageError(
+                "recalibrate: a batch_norm call updates running statistics that belong to no BN layer of the model; "
+                "keep running statistics in a BN layer (bnlab.BatchNorm*, SequenceBatchNorm or torch.nn's)"
+            )
+        pool.add(x.detach(), running_mean, running_var)
+
+    def __call__(self, x, running_mean, running_var, weight, bias, eps, unbiased, relu) -> Tensor:
+        self.record(x, running_mean, running_var)
+        return functional.local_batch_norm(x, None, None, weight, bias, True, 0.0, eps, unbiased, relu)
+
+
+def _key(running_mean: Tensor) -> int:
+    return running_mean.untyped_storage().data_ptr()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -135,7 +193,8 @@ def recalibrate(
     ``data``: a tensor of inputs (split into batches of ``batch_size``), an ``(inputs, labels)`` pair,
     a ``bnlab.Split``, or an iterable of batches (tensors or ``(inputs, labels)``, e.g. a DataLoader,
     whose own batch size then applies). At most ``samples`` inputs are used. Inputs go to the model's
-    device (and floating dtype). BN layers are torch.nn's (``SyncBatchNorm`` included) and bnlab's.
+    device (and floating dtype). BN layers are torch.nn's (``SyncBatchNorm`` included), bnlab's and
+    bnlab's recurrent ``SequenceBatchNorm``.
     """
     if samples < 2 or batch_size < 2:
         raise UsageError(f"recalibrate needs samples and batch_size of at least 2; got {samples} and {batch_size}")
@@ -143,75 +202,79 @@ def recalibrate(
     model = _unwrap(model)
     named = [(name or "model", m) for name, m in model.named_modules() if is_batch_norm(m)]
     layers = [(name, m) for name, m in named if m.running_mean is not None and m.running_var is not None]
-    moments = {name: _Moments() for name, _ in layers}
+    saved = [(m, name, b.clone()) for _, m in layers for name, b in m.named_buffers(recurse=False) if b is not None]
+    modes = [(m, m.training) for m in model.modules()]
     tensors = [*model.parameters(), *model.buffers()]
     device = tensors[0].device if tensors else torch.device("cpu")
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
-    modes = [(m, m.training) for m in model.modules()]
+    observer = _Observer([m for _, m in layers])
+    hooks = []
     count = batches = 0
+    distributed = process_group is not None and dist.is_initialized() and dist.get_world_size(process_group) > 1
     try:
         model.eval()
-        for name, layer in layers:
-            # an instance attribute, shadowing the class's forward until it is removed below
-            layer.forward = _batch_statistics_forward(layer, moments[name], name)
-        with torch.no_grad():
+        for _, layer in layers:
+            layer.train()
+            if not hasattr(layer, "unbiased_running_var"):  # torch.nn's: its own forward runs, the hook records
+                hooks.append(layer.register_forward_pre_hook(_torch_layer_hook(observer)))
+                if isinstance(layer, nn.SyncBatchNorm):  # its forward would synchronize (and needs CUDA)
+                    layer.forward = _local_forward(layer)  # an instance attribute, removed below
+        with torch.no_grad(), functional.observing(observer):
             for x in _batches(data, samples, batch_size, device, dtype):
                 model(x)
-                for record in moments.values():
-                    record.calls = 0
                 count, batches = count + len(x), batches + 1
-        distributed = process_group is not None and dist.is_initialized() and dist.get_world_size(process_group) > 1
         if not batches and not distributed:  # a process of a group may hold no data: its peers may
             raise UsageError("recalibrate: the data holds no batch; pass at least two inputs")
-        pooled = {name: moments[name].pooled(layer.num_features, device) for name, layer in layers}
-        if distributed:  # every process joins, whatever its share
-            pooled = _across(pooled, process_group)
+        pools = list(observer.pools.values())
+        states = [pool.state() for pool in pools]
+        if distributed:  # every process joins, whatever its share: one all_gather for every layer
+            states = _across(states, process_group)
+        for m, name, value in saved:  # back to the stored state; only the pooled statistics are written below
+            getattr(m, name).copy_(value)
+        for pool, state in zip(pools, states, strict=True):
+            pool.write(state)
+    except BaseException:
+        for m, name, value in saved:
+            getattr(m, name).copy_(value)
+        raise
     finally:
+        for hook in hooks:
+            hook.remove()
         for _, layer in layers:
             layer.__dict__.pop("forward", None)
         for module, training in modes:
             module.training = training
-    updated = []
-    for name, layer in layers:
-        total, mean, var = pooled[name]
-        n = float(total[0])
-        if n == 0:
-            continue
-        unbiased = getattr(layer, "unbiased_running_var", True)  # torch.nn's layers keep it unbiased
-        layer.running_mean.copy_(mean)
-        layer.running_var.copy_(var * (n / (n - 1)) if unbiased and n > 1 else var)
-        updated.append(name)
-    if layers and not updated:
-        raise UsageError("recalibrate: no BN layer received any data (across the process group, if any)")
+    reached = {key for key, pool in observer.pools.items() if bool((pool.count > 0).any())}
+    updated = [name for name, m in layers if _key(m.running_mean) in reached]
+    if layers and not updated and not distributed:
+        raise UsageError("recalibrate: no BN layer received any data")
     skipped = [name for name, _ in named if name not in updated]
     return Recalibration(updated, count, batches, time.perf_counter() - start, skipped)
 
 
-def _batch_statistics_forward(layer: nn.Module, record: _Moments, name: str):
-    """The layer's forward for the pass: record this batch's moments, normalize with them, update nothing."""
+def _torch_layer_hook(observer: _Observer):
+    def hook(layer: nn.Module, args: tuple) -> None:
+        observer.record(args[0], layer.running_mean, layer.running_var)
+
+    return hook
+
+
+def _local_forward(layer: nn.Module):
+    """``SyncBatchNorm``'s forward for the pass: this process's batch statistics, nothing synchronized."""
 
     def forward(x: Tensor) -> Tensor:
-        record.calls += 1
-        if record.calls > 1:
-            raise UsageError(
-                f"recalibrate: BN layer {name} ran twice in one forward pass; a layer shared between call sites "
-                "has no single population to estimate. Give each call site its own BN layer."
-            )
-        record.add(x)
-        relu = bool(getattr(layer, "fused_relu", False))
-        return functional.local_batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps, True, relu)
+        return functional.local_batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps, True, False)
 
     return forward
 
 
-def _across(pooled: dict[str, Tensor], process_group: Any) -> dict[str, Tensor]:
-    """Every process's pooled moments pooled again over the group: one all_gather for all layers."""
-    names = list(pooled)
-    local = torch.cat([pooled[name] for name in names], dim=1)  # (3, total features)
+def _across(states: list[Tensor], process_group: Any) -> list[Tensor]:
+    """Every process's pooled statistics pooled again over the group, with one all_gather."""
+    if not states:
+        return []
+    local = torch.cat(states, dim=1)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
     dist.all_gather(gathered, local, group=process_group)
-    counts, means, variances = torch.stack(gathered).unbind(1)  # each (world, total features)
-    total, mean, var = statistics.combine_moments(counts, means, variances)
-    merged = torch.stack([total, mean, var])
-    sizes = [pooled[name].shape[1] for name in names]
-    return dict(zip(names, merged.split(sizes, dim=1), strict=True))
+    counts, means, variances = torch.stack(gathered).unbind(1)  # each (world, elements)
+    merged = torch.stack(statistics.combine_moments(counts, means, variances))
+    return list(merged.split([s.shape[1] for s in states], dim=1))

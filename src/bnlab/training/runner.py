@@ -382,7 +382,7 @@ def _train(
             f"{state.message} (bn={config.bn}, lr={config.lr:g}); the run stopped. Try a smaller --lr, or batch norm.",
         )
         return
-    if notebook:
+    if notebook or config.one_at_a_time or config.precise_samples:
         _final_scores(config, data, train_split, result, line)
     result.status = "completed"
 
