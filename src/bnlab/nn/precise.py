@@ -161,7 +161,7 @@ def _batches(
 
     if isinstance(data, Split):
         data = data.images
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+    elif _is_pair(data):
         data = data[0]
     if isinstance(data, Tensor):
         n = min(samples, len(data))
@@ -180,6 +180,17 @@ def _batches(
         seen += len(x)
 
 
+def _is_pair(data: Any) -> bool:
+    """An (inputs, labels) tuple: two tensors of one length, the labels one-dimensional (a list is batches)."""
+    return (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+        and data[1].dim() == 1
+        and len(data[0]) == len(data[1])
+    )
+
+
 def recalibrate(
     model: nn.Module,
     data: Any,
@@ -190,10 +201,10 @@ def recalibrate(
 ) -> Recalibration:
     """Recompute the population statistics of every BN layer in ``model`` from ``data``; see the module docstring.
 
-    ``data``: a tensor of inputs (split into batches of ``batch_size``), an ``(inputs, labels)`` pair,
-    a ``bnlab.Split``, or an iterable of batches (tensors or ``(inputs, labels)``, e.g. a DataLoader,
-    whose own batch size then applies). At most ``samples`` inputs are used. Inputs go to the model's
-    device (and floating dtype). BN layers are torch.nn's (``SyncBatchNorm`` included), bnlab's and
+    ``data``: a tensor of inputs (split into batches of ``batch_size``), an ``(inputs, labels)`` tuple,
+    a ``bnlab.Split``, or an iterable of batches (a list, a generator, a DataLoader: tensors or
+    ``(inputs, labels)`` each, whose own batch size then applies). At most ``samples`` inputs are
+    used. Inputs go to the model's device (and floating dtype). BN layers are torch.nn's (``SyncBatchNorm`` included), bnlab's and
     bnlab's recurrent ``SequenceBatchNorm``.
     """
     if samples < 2 or batch_size < 2:
