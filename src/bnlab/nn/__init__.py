@@ -1,12 +1,12 @@
 """bnlab's batch normalization.
 
-    statistics.py  the maths in tensor ops: moments, their exact combination, normalization, gradients
-    ops.py         the operators bnlab::batch_norm_{train,backward,eval} (compiled kernels or statistics.py)
-    sync.py        synchronized batch norm over a process group (its own autograd Function)
-    functional.py  batch_norm(): picks the operator, keeps the running statistics
-    batchnorm.py   the layers BatchNorm1d/2d/3d (state only) and is_batch_norm
-    convert.py     swap a model's BN layers between PyTorch's and bnlab's
-    recurrent.py   recurrent batch norm: SequenceBatchNorm (statistics per time step), BNLSTMCell, BNLSTM
+statistics.py  the maths in tensor ops: moments, their exact combination, normalization, gradients
+ops.py         the operators bnlab::batch_norm_{train,backward,eval} (compiled kernels or statistics.py)
+sync.py        synchronized batch norm over a process group (its own autograd Function)
+functional.py  batch_norm(): picks the operator, keeps the running statistics
+batchnorm.py   the layers BatchNorm1d/2d/3d (state only) and is_batch_norm
+convert.py     swap a model's BN layers between PyTorch's and bnlab's
+recurrent.py   recurrent batch norm: SequenceBatchNorm (statistics per time step), BNLSTMCell, BNLSTM
 """
 
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batch_norm

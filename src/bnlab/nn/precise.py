@@ -204,8 +204,8 @@ def recalibrate(
     ``data``: a tensor of inputs (split into batches of ``batch_size``), an ``(inputs, labels)`` tuple,
     a ``bnlab.Split``, or an iterable of batches (a list, a generator, a DataLoader: tensors or
     ``(inputs, labels)`` each, whose own batch size then applies). At most ``samples`` inputs are
-    used. Inputs go to the model's device (and floating dtype). BN layers are torch.nn's (``SyncBatchNorm`` included), bnlab's and
-    bnlab's recurrent ``SequenceBatchNorm``.
+    used. Inputs go to the model's device (and floating dtype). BN layers are torch.nn's
+    (``SyncBatchNorm`` included), bnlab's and bnlab's recurrent ``SequenceBatchNorm``.
     """
     if samples < 2 or batch_size < 2:
         raise UsageError(f"recalibrate needs samples and batch_size of at least 2; got {samples} and {batch_size}")
