@@ -1,12 +1,22 @@
-"""``bnlab reproduce`` and ``bnlab benefits``: the experiments, each writing a report folder."""
+"""``bnlab reproduce``, ``bnlab benefits`` and ``bnlab rnn``: the experiments, each writing a report folder."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from bnlab.cli.args import common, emitter, fast_flag, positive_int, writable_folder
-from bnlab.config import BN_MODES
+from bnlab.cli.args import (
+    batches_int,
+    common,
+    csv_choices,
+    emitter,
+    fast_flag,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    writable_folder,
+)
+from bnlab.config import BN_MODES, TASKS
 from bnlab.errors import UsageError
 
 
@@ -58,6 +68,67 @@ def cmd_benefits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rnn(args: argparse.Namespace) -> int:
+    from bnlab.lab.rnn import rnn_table, run_rnn
+
+    if args.threads:  # on a loaded machine one thread per process can be many times faster than two
+        import torch
+
+        torch.set_num_threads(args.threads)
+    emit = emitter(args)
+    outcome = run_rnn(
+        args.task,
+        args.seeds,
+        batches=args.batches,
+        minutes=args.minutes,
+        out_dir=writable_folder(args.out),
+        data_dir=args.data_dir,
+        device=args.device,
+        eval_every=args.eval_every,
+        eval_size=args.eval_size,
+        one_at_a_time=args.one_at_a_time,
+        precise_samples=args.precise_samples,
+        checkpoint_every=args.checkpoint_every,
+        reuse=not args.fresh,
+        log=emit,
+    )
+    emit("")
+    emit(rnn_table(outcome))
+    emit("")
+    emit(f"Written to {outcome.out_dir}: report.md, table.md, results.csv, results.json, validation_accuracy.png")
+    if args.json:
+        rows = {"task": outcome.task, "rows": outcome.rows(), "pairs": outcome.pairs(), "out_dir": str(outcome.out_dir)}
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_precise(args: argparse.Namespace) -> int:
+    from bnlab.lab.precise import run_precise
+
+    if args.threads:  # on a loaded machine one thread per process can be many times faster than two
+        import torch
+
+        torch.set_num_threads(args.threads)
+    emit = emitter(args)
+    outcome = run_precise(
+        args.budget,
+        args.seeds,
+        modes=args.modes.split(","),
+        out_dir=writable_folder(args.out),
+        data_dir=args.data_dir,
+        device=args.device,
+        reuse=not args.fresh,
+        log=emit,
+    )
+    emit("")
+    for finding in outcome.findings():
+        emit(f"- {finding}")
+    emit(f"\nWritten to {outcome.out_dir}: report.md, results.json, results.csv, precise.png")
+    if args.json:
+        print(json.dumps({"out_dir": str(outcome.out_dir)} | outcome.to_dict(), indent=2))
+    return 0
+
+
 def _claim_list(text: str) -> list[int]:
     from bnlab.lab.benefits import parse_claims
 
@@ -104,3 +175,68 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", default="runs/benefits", help="output folder (default: runs/benefits)")
     common(p)
     p.set_defaults(func=cmd_benefits)
+
+    p = sub.add_parser(
+        "rnn",
+        help="recurrent batch norm: LSTM vs BN-LSTM on sequential MNIST (Cooijmans et al.)",
+        description="Train the LSTM and the BN-LSTM from the same initial weights on the same batches at the "
+        "paper's settings (RMSProp 1e-3, momentum 0.9, clipping 1.0, batch 100, 100 units) and write validation "
+        "curves, a table with test accuracy and the one-at-a-time check, CSV/JSON and report.md. Finished runs are "
+        "reused; interrupted ones resume from their last checkpoint.",
+    )
+    p.add_argument(
+        "--task", choices=TASKS, default="row",
+        help="row: 28 steps of 28 pixels; pixel: 784 steps of 1; permuted: pMNIST (default: row)",
+    )  # fmt: skip
+    p.add_argument(
+        "--batches", type=batches_int,
+        help="training batches per run (default: 3000, unlimited with --minutes; with both, whichever ends first)",
+    )  # fmt: skip
+    p.add_argument(
+        "--minutes", type=positive_float, help="training time per run, evaluation excluded (default: no limit)"
+    )
+    p.add_argument("--seeds", type=positive_int, default=1, help="seeds 0..N-1, each a pair of runs (default: 1)")
+    p.add_argument("--eval-every", type=positive_int, default=100, help="batches between evaluations (default: 100)")
+    p.add_argument(
+        "--eval-size", type=positive_int, default=1000, help="validation images per evaluation (default: 1000)"
+    )
+    p.add_argument(
+        "--one-at-a-time", type=non_negative_int, default=100, metavar="N",
+        help="test images classified alone at the end (default: 100)",
+    )  # fmt: skip
+    p.add_argument(
+        "--precise-samples", type=non_negative_int, default=8192, metavar="N",
+        help="training images for the BN-LSTM's precise statistics at the end, 0 for none (default: 8192)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-every", type=non_negative_int, default=200, metavar="N",
+        help="a resumable checkpoint every N batches, 0 for only at the end (default: 200)",
+    )  # fmt: skip
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's; 1 is faster on a busy CPU)")
+    p.add_argument("--out", metavar="DIR", default="runs/rnn", help="output folder (default: runs/rnn)")
+    p.add_argument("--fresh", action="store_true", help="retrain even where a finished run exists")
+    common(p)
+    p.set_defaults(func=cmd_rnn)
+
+    p = sub.add_parser(
+        "precise",
+        help="when do you need precise BN statistics, and from how many samples",
+        description="Train the notebook's ConvNet with PyTorch's and bnlab's BN at EMA decay 0.9, 0.99 and 0.999, "
+        "score snapshots after 200, 800 and 3,000 batches with the running (EMA) statistics and with precise ones, "
+        "sweep the samples precise statistics are drawn from, and write report.md, results.json, results.csv and "
+        "figures. Finished runs and their scores are reused.",
+    )
+    p.add_argument(
+        "--budget", choices=["smoke", "quick", "full"], default="quick",
+        help="smoke: seconds, for CI; quick: 1 seed, 800 batches; full: 3 seeds, 3,000 batches, 6 sample counts "
+        "(default: quick)",
+    )  # fmt: skip
+    p.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 (default: the budget's, 1/1/3)")
+    p.add_argument(
+        "--modes", type=csv_choices(BN_MODES[1:]), default="torch,manual", help="BN modes (default: torch,manual)"
+    )
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's; 1 is faster on a busy CPU)")
+    p.add_argument("--out", metavar="DIR", default="runs/precise", help="output folder (default: runs/precise)")
+    p.add_argument("--fresh", action="store_true", help="retrain and rescore even where finished runs exist")
+    common(p)
+    p.set_defaults(func=cmd_precise)
