@@ -38,7 +38,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what the workers of a multi-process run are started with
     previous = signal.signal(signal.SIGTERM, _terminate)
     name = f"bnlab {args.command}"
     try:

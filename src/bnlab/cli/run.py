@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,14 @@ from bnlab.cli.args import (
     writable_file,
 )
 from bnlab.config import ACTIVATIONS, BN_MODES, LOSSES, TrainConfig
-from bnlab.errors import UsageError
+from bnlab.errors import BnlabError, UsageError
 
 BN_HELP = "none; torch = nn.BatchNorm; manual = bnlab's own BN (default: manual)"
 number_at_least_2 = number(int, 2, 10**8)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from bnlab.training import store, train
+    from bnlab.training import distributed, resolve_device, store, train
 
     emit = emitter(args)
     if args.resume:
@@ -42,14 +43,39 @@ def cmd_train(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
         )  # fmt: skip
         out = Path(args.out) if args.out else store.default_run_dir("runs/train", config)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: start the workers, then wait for them
+        emit(f"Training on {args.nproc} processes (gloo on CPU, nccl on CUDA); rank 0 writes {out}")
+        try:
+            distributed.launch(args.nproc, [*_without_nproc(args.argv), "--out", str(out)])
+        except BnlabError as err:
+            hint = f" Its last checkpoint stays valid: `bnlab train --resume --out {out} --nproc {args.nproc}`."
+            raise BnlabError(f"{err}.{hint if args.checkpoint_every or args.resume else ''}") from None
+        return 0
+    device = resolve_device(args.device)
+    world = distributed.from_env(device)
+    main = world is None or world.is_main
     result = train(
-        config, run_dir=out, resume=args.resume, data_dir=args.data_dir, device=args.device, log=emit,
-        fast=not args.no_fast,
+        config, run_dir=out, resume=args.resume, data_dir=args.data_dir, device=device,
+        log=emit if main else (lambda _: None), fast=not args.no_fast, world=world,
     )  # fmt: skip
-    emit(f"Run written to {out} (wall time {result.wall_seconds:.1f} s)")
-    if args.json:
-        print(json.dumps(result.summary() | {"run_dir": str(out)}, indent=2))
+    if main:
+        emit(f"Run written to {out} (wall time {result.wall_seconds:.1f} s)")
+        if args.json:
+            print(json.dumps(result.summary() | {"run_dir": str(out)}, indent=2))
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus --nproc N (and --out, which the launcher passes explicitly): what each worker runs."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in ("--nproc", "--out"):
+            skip = True
+        elif not token.startswith(("--nproc=", "--out=")):
+            out.append(token)
+    return out
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -164,6 +190,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="also save a resumable checkpoint every N batches (default: only at the end)",
     )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the stopped run in --out from its last checkpoint")
+    p.add_argument(
+        "--nproc", type=number(int, 1, 256), default=1, metavar="N",
+        help="train data-parallel on N processes of this machine, synchronized BN (default: 1); "
+        "for several machines run the same command under torchrun instead",
+    )  # fmt: skip
     common(p)
     fast_flag(p)
     p.set_defaults(func=cmd_train)

@@ -8,6 +8,7 @@ The forward pass is TorchScript-compatible, so ``torch.jit.script`` compiles the
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -129,6 +130,15 @@ class _BatchNorm(nn.Module):
             x, running_mean, running_var, self.weight, self.bias, training=True, momentum=momentum, eps=self.eps,
             unbiased_running_var=self.unbiased_running_var, relu=self.fused_relu, process_group=self.process_group,
         )  # fmt: skip
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _BatchNorm:
+        """A copy whose tensors are copies, in the same process group (a group cannot be copied, only shared)."""
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
+        return copied
 
     def __prepare_scriptable__(self) -> _BatchNorm:
         if self.process_group is not None:

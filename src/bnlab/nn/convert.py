@@ -37,7 +37,9 @@ Where the two differ:
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -47,7 +49,7 @@ from bnlab.nn import batchnorm as norm
 
 __all__ = ["TARGETS", "convert"]
 
-TARGETS = ("manual", "torch")
+TARGETS = ("manual", "torch", "sync")
 
 _TO_MANUAL: dict[type[nn.Module], type[norm._BatchNorm]] = {
     nn.BatchNorm1d: norm.BatchNorm1d,
@@ -58,14 +60,20 @@ _TO_TORCH: dict[type[norm._BatchNorm], type[nn.Module]] = {v: k for k, v in _TO_
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def convert(model: nn.Module, to: str) -> nn.Module:
+def convert(model: nn.Module, to: str, *, process_group: Any | None = None) -> nn.Module:
     """Replace every batch-norm layer in ``model`` by ``to``'s ("manual": bnlab's, "torch": PyTorch's).
+
+    ``to="sync"``: bnlab's layers, synchronized over ``process_group`` (default: the whole default
+    group), whatever they were (PyTorch's or bnlab's, recurrent ones included): what data-parallel
+    training needs, on any device and backend. ``process_group`` with "manual" does the same.
 
     In place; returns the model (a new module if ``model`` itself is a BN layer). See the module
     docstring for what carries over and the conventions that need care.
     """
     if to not in TARGETS:
         raise UsageError(f"convert: to must be one of {', '.join(TARGETS)}; got {to!r}")
+    if to == "sync" or (to == "manual" and process_group is not None):
+        return _synchronized(convert(model, "manual"), process_group)
     if to == "torch" and isinstance(model, norm._BatchNorm) and model.fused_relu:
         raise UsageError(
             "convert: the model is a single bnlab BatchNorm with fused_relu=True, and PyTorch's layer has no "
@@ -86,6 +94,21 @@ def convert(model: nn.Module, to: str) -> nn.Module:
             stacklevel=2,
         )
     return converted
+
+
+def _synchronized(model: nn.Module, process_group: Any | None) -> nn.Module:
+    from bnlab.nn.recurrent import SequenceBatchNorm  # recurrent.py builds on this package
+
+    if process_group is None:
+        if not dist.is_initialized():
+            raise UsageError(
+                "convert(to='sync') needs a process group: call torch.distributed.init_process_group first"
+            )
+        process_group = dist.group.WORLD
+    for module in model.modules():
+        if isinstance(module, (norm._BatchNorm, SequenceBatchNorm)):
+            module.process_group = process_group
+    return model
 
 
 def _convert_children(

@@ -14,12 +14,15 @@ from torch import Tensor, nn
 from bnlab.data import Split
 
 
-def loss_fn(kind: str, logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean loss of (N, classes) logits against (N,) integer labels."""
+def loss_fn(kind: str, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Loss of (N, classes) logits against (N,) integer labels: the mean over samples, or with ``reduction="sum"``
+    their sum (a shard's part of a larger batch's mean; 0 for no samples)."""
     if kind == "sigmoid":  # the notebook: mean over N x classes of sigmoid CE against one-hot
         target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+        if reduction == "sum":  # each sample's mean over the classes, summed
+            return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[1]
         return F.binary_cross_entropy_with_logits(logits, target)
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 @contextmanager

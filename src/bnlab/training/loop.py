@@ -20,11 +20,15 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from bnlab.training.evaluate import loss_fn
+
+if TYPE_CHECKING:
+    from bnlab.training.distributed import World
 
 
 @dataclass
@@ -40,6 +44,11 @@ class LoopState:
     labels: Tensor | None = None
     stop: str | None = None  # why the loop ended early: "diverged", "time", or a hook's reason
     message: str = ""
+
+    @property
+    def module(self) -> nn.Module:
+        """The network itself (under DistributedDataParallel's wrapper): what to evaluate and checkpoint."""
+        return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
 
 
 class Hook:
@@ -61,12 +70,13 @@ def fit(
     hooks: Sequence[Hook] = (),
     seconds: float | None = None,
     clip: float | None = None,
-    loss_weight: float = 1.0,
+    world: World | None = None,
 ) -> LoopState:
     """Train ``state.model`` until ``state.step == steps`` (or a stop); returns the state.
 
-    ``loss_weight`` scales each batch's mean loss (distributed training: a shard's share of the global
-    batch). ``clip`` clips the gradients' global norm.
+    ``clip`` clips the gradients' global norm. ``world``: one process of a data-parallel group
+    (``distributed.py``): the batches are its shards, the logged loss the global batch's, and every
+    process leaves the loop after the same step.
     """
     model, optimizer = state.model, state.optimizer
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -77,13 +87,16 @@ def fit(
     while state.step < steps and state.stop is None:
         images, labels = next(batches)
         start = time.perf_counter()
-        batch_loss = loss_fn(loss, model(images), labels)
-        value = batch_loss.item()
-        if not math.isfinite(value):
+        if world is None:
+            objective = loss_fn(loss, model(images), labels)
+            value = objective.item()
+        else:
+            objective, value = world.mean_loss(loss, model(images), labels)
+        if not math.isfinite(value):  # every process sees the same global value: all stop here
             state.stop, state.message = "diverged", f"loss became {value} at batch {state.step}"
             break
         optimizer.zero_grad(set_to_none=True)
-        (batch_loss * loss_weight if loss_weight != 1.0 else batch_loss).backward()
+        objective.backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(parameters, clip)
         optimizer.step()
@@ -96,6 +109,8 @@ def fit(
             state.stop = "time"
         for hook in hooks:
             hook.after_step(state)
+        if world is not None:
+            state.stop = world.agree(state.stop)
     return state
 
 

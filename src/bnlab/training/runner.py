@@ -34,6 +34,7 @@ from bnlab.errors import TrainingDiverged, UsageError
 from bnlab.models import build_network
 from bnlab.nn.precise import Recalibration, recalibrate
 from bnlab.training import store
+from bnlab.training.distributed import ShardedBatches, World, synchronize
 from bnlab.training.evaluate import UnitPeaks, evaluate, one_at_a_time_accuracy
 from bnlab.training.loop import Hook, LoopState, fit, make_optimizer
 
@@ -166,7 +167,7 @@ class NotebookCadence(Hook):
             split, label, data = "train_batch", "Training", Split(state.images, state.labels)
         else:
             return
-        loss, accuracy = evaluate(state.model, data, self.config.loss)
+        loss, accuracy = evaluate(state.module, data, self.config.loss)
         self.recorder.evaluation(state, batch, split, loss, accuracy)
         self.line(f"Batch: {batch:>2}: {label} loss: {loss:>3.5f}, {label} accuracy: {accuracy:>3.5f}")
 
@@ -195,7 +196,7 @@ class IntervalCadence(Hook):
             self.measure(state)
 
     def measure(self, state: LoopState) -> None:
-        model, loss = state.model, self.config.loss
+        model, loss = state.module, self.config.loss
         peaks = UnitPeaks(model.hidden_blocks() if self.dead_units else [])
         with peaks:
             val_loss, val_accuracy = evaluate(model, self.validation, loss)
@@ -211,7 +212,9 @@ class IntervalCadence(Hook):
 class Checkpoints(Hook):
     """A resumable checkpoint every ``checkpoint_every`` steps; model snapshots after the ``snapshots`` batches."""
 
-    def __init__(self, config: TrainConfig, run: store.RunDir, batches: Batches, result: RunResult) -> None:
+    def __init__(
+        self, config: TrainConfig, run: store.RunDir, batches: Batches | ShardedBatches, result: RunResult
+    ) -> None:
         self.config, self.run, self.batches, self.result = config, run, batches, result
 
     def after_step(self, state: LoopState) -> None:
@@ -224,7 +227,7 @@ class Checkpoints(Hook):
     def payload(self, state: LoopState, resumable: bool) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "config": self.config.to_dict(),
-            "state_dict": state.model.state_dict(),
+            "state_dict": state.module.state_dict(),
             "step": state.step,
             "summary": self.result.summary(),
         }
@@ -280,6 +283,7 @@ def train(
     checkpoints: bool = True,
     raise_on_divergence: bool = True,
     replace: bool = False,
+    world: World | None = None,
 ) -> RunResult:
     """Train ``config``'s network; keep the run directory ``run_dir`` if given (``resume``: continue the run in it).
 
@@ -289,22 +293,26 @@ def train(
     for debugging; results mean the same either way and differ only by float rounding.
     ``checkpoints=False`` writes no checkpoint (the lab keeps only the evaluations of its runs).
     A diverged run raises ``TrainingDiverged`` after recording it, unless ``raise_on_divergence`` is False.
+    ``world``: this process's place in a data-parallel group (``distributed.py``); rank 0 alone keeps
+    the run directory, logs and evaluates.
     """
     device = resolve_device(device)
     started = time.perf_counter()
     run, checkpoint = None, None
-    if run_dir is not None:
-        if resume:
-            run, checkpoint = store.RunDir.resume(run_dir)
-        else:
-            run = store.RunDir.create(run_dir, replace=replace)
+    main = world is None or world.is_main
+    if run_dir is not None and resume and not main:  # every process resumes from the one checkpoint
+        checkpoint = store.load_checkpoint(store.checkpoint_path(run_dir))
+    elif run_dir is not None and resume:
+        run, checkpoint = store.RunDir.resume(run_dir)
+    elif run_dir is not None and main:
+        run = store.RunDir.create(run_dir, replace=replace)
     result = RunResult(config, "running", device=str(device), fast=fast, threads=torch.get_num_threads())
     result.run_dir = run.path if run else None
     try:
         if run is not None:
             run.write_summary(result.summary())
         with contextlib.nullcontext() if fast else kernels.use_kernels(False):
-            _train(config, data, data_dir, device, run, checkpoint, result, log, progress, fast, checkpoints)
+            _train(config, data, data_dir, device, run, checkpoint, result, log, progress, fast, checkpoints, world)
         if result.status == "diverged" and raise_on_divergence:
             raise TrainingDiverged(result.message)
     except TrainingDiverged:
@@ -342,25 +350,28 @@ def _train(
     progress: bool | None,
     fast: bool,
     checkpoints: bool,
+    world: World | None,
 ) -> None:
     data = (data if data is not None else load_mnist(data_dir)).to(device)
-    state, batches = prepare(config, data, device, channels_last=fast, fused=fast)
-    model, train_split = state.model, batches.split
-    result.model = model
+    state, batches = prepare(config, data, device, channels_last=fast, fused=fast, world=world)
+    train_split = batches.split
+    result.model = state.module
     if checkpoint is not None:
         _restore(state, checkpoint, batches, result)
     if run is not None:
-        run.write_config(config, device=str(device), fast=fast, threads=torch.get_num_threads())
+        details = {"world_size": world.size} if world else {}
+        run.write_config(config, device=str(device), fast=fast, threads=torch.get_num_threads(), **details)
     notebook = config.cadence == "notebook"
+    main = world is None or world.is_main
     recorder = Recorder(run, result, steps=notebook)
-    bar = Progress(config.batches, progress)
+    bar = Progress(config.batches, progress if main else False)
     line = bar.line(log)
     cadence = (
         NotebookCadence(config, data.validation, recorder, line)
         if notebook
         else IntervalCadence(config, data.validation, train_split, recorder)
     )
-    hooks: list[Hook] = [recorder, cadence, bar]
+    hooks: list[Hook] = [recorder, cadence, bar] if main else []  # only rank 0 evaluates, records and shows
     if run is not None and checkpoints:
         hooks.append(Checkpoints(config, run, batches, result))
     try:
@@ -372,6 +383,7 @@ def _train(
             hooks=hooks,
             seconds=config.seconds,
             clip=config.clip,
+            world=world,
         )
     finally:
         bar.bar.close()
@@ -382,31 +394,43 @@ def _train(
             f"{state.message} (bn={config.bn}, lr={config.lr:g}); the run stopped. Try a smaller --lr, or batch norm.",
         )
         return
-    if notebook or config.one_at_a_time or config.precise_samples:
+    if main and (notebook or config.one_at_a_time or config.precise_samples):
         _final_scores(config, data, train_split, result, line)
     result.status = "completed"
 
 
 def prepare(
-    config: TrainConfig, data: MNIST, device: torch.device, *, channels_last: bool = True, fused: bool = True
-) -> tuple[LoopState, Batches]:
+    config: TrainConfig,
+    data: MNIST,
+    device: torch.device,
+    *,
+    channels_last: bool = True,
+    fused: bool = True,
+    world: World | None = None,
+) -> tuple[LoopState, Batches | ShardedBatches]:
     """The network, optimizer and batch stream of ``config``, ready for ``fit``.
 
     ``channels_last``: the ConvNet in channels_last (faster convolutions; bnlab's kernels take either
-    layout). ``fused``: the fused Adam where the device has one.
+    layout). ``fused``: the fused Adam where the device has one. ``world``: synchronized BN and
+    DistributedDataParallel around the network, and this process's shard of every batch.
     """
     torch.manual_seed(config.seed)  # dropout draws from the global generator; weights and batches have their own
     model = build_network(config).to(device)
     if channels_last and config.model == "convnet":
         model = model.to(memory_format=torch.channels_last)
+    if world is not None:
+        model = synchronize(model, world, device)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.momentum, fused)
-    return LoopState(model, optimizer), Batches(training_split(config, data), config.batch_size, seed=config.seed)
+    batches = Batches(training_split(config, data), config.batch_size, seed=config.seed)
+    return LoopState(model, optimizer), batches if world is None else ShardedBatches(batches, world)
 
 
-def _restore(state: LoopState, checkpoint: dict[str, Any], batches: Batches, result: RunResult) -> None:
+def _restore(
+    state: LoopState, checkpoint: dict[str, Any], batches: Batches | ShardedBatches, result: RunResult
+) -> None:
     """The loop's state at the checkpoint: weights, optimizer, batch order, RNG, clock and evaluations so far."""
     resume = checkpoint["resume"]
-    state.model.load_state_dict(checkpoint["state_dict"])
+    state.module.load_state_dict(checkpoint["state_dict"])
     state.optimizer.load_state_dict(resume["optimizer"])
     batches.load_state_dict(resume["batches"])
     torch.set_rng_state(resume["rng"])
