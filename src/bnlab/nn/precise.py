@@ -81,13 +81,12 @@ class _Pool:
         self.mean = torch.zeros(size, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(size, dtype=torch.float64, device=device)
 
-    def add(self, x: Tensor, running_mean: Tensor, running_var: Tensor) -> None:
+    def add(self, n: int, mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor) -> None:
+        """Pool one batch's statistics (n values per feature, float64 mean and biased var) into its elements."""
         if running_var.storage_offset() - running_mean.storage_offset() != self.offset:
             raise UsageError("recalibrate: a BN layer's running mean and variance are not used as a pair")
-        mean, var = statistics.moments(x)
-        n = float(statistics.values_per_feature(x))
         at = slice(running_mean.storage_offset(), running_mean.storage_offset() + running_mean.numel())
-        counts = torch.stack([self.count[at], torch.full_like(mean, n)])
+        counts = torch.stack([self.count[at], torch.full_like(mean, float(n))])
         total, pooled_mean, pooled_var = statistics.combine_moments(
             counts, torch.stack([self.mean[at], mean]), torch.stack([self.m2[at] / counts[0].clamp(min=1), var])
         )
@@ -124,18 +123,20 @@ class _Observer:
             unbiased = getattr(layer, "unbiased_running_var", True)  # torch.nn's layers keep it unbiased
             self.pools[_key(layer.running_mean)] = _Pool(layer.running_mean, layer.running_var, unbiased)
 
-    def record(self, x: Tensor, running_mean: Tensor, running_var: Tensor) -> None:
+    def record(self, n: int, mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor) -> None:
         pool = self.pools.get(_key(running_mean))
         if pool is None:
             raise UsageError(
                 "recalibrate: a batch_norm call updates running statistics that belong to no BN layer of the model; "
                 "keep running statistics in a BN layer (bnlab.BatchNorm*, SequenceBatchNorm or torch.nn's)"
             )
-        pool.add(x.detach(), running_mean, running_var)
+        pool.add(n, mean, var, running_mean, running_var)
 
     def __call__(self, x, running_mean, running_var, weight, bias, eps, unbiased, relu) -> Tensor:
-        self.record(x, running_mean, running_var)
-        return functional.local_batch_norm(x, None, None, weight, bias, True, 0.0, eps, unbiased, relu)
+        """bnlab's batch_norm during the pass: normalize with the batch's statistics, and record those."""
+        y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, eps, relu)
+        self.record(statistics.values_per_feature(x), stats[0], stats[1], running_mean, running_var)
+        return y
 
 
 def _key(running_mean: Tensor) -> int:
@@ -264,8 +265,11 @@ def recalibrate(
 
 
 def _torch_layer_hook(observer: _Observer):
+    """Before a torch.nn layer's own forward: record the moments of its input."""
+
     def hook(layer: nn.Module, args: tuple) -> None:
-        observer.record(args[0], layer.running_mean, layer.running_var)
+        x = args[0].detach()
+        observer.record(statistics.values_per_feature(x), *statistics.moments(x), layer.running_mean, layer.running_var)
 
     return hook
 
