@@ -1,4 +1,4 @@
-"""``bnlab reproduce``, ``bnlab benefits`` and ``bnlab rnn``: the experiments, each writing a report folder."""
+"""``bnlab reproduce``, ``benefits``, ``rnn`` and ``precise``: the experiments, each writing a report folder."""
 
 from __future__ import annotations
 
