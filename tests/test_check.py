@@ -13,12 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-from bnlab import recalibrate
+from bnlab import BNLSTM, recalibrate
 from bnlab.check import RULES, check_model, load_model_spec
+from bnlab.check.docs import with_rules_section
 from bnlab.cli import main
 from bnlab.data import Batches, Split
 from bnlab.errors import BnlabError, UsageError
+from bnlab.kernels import use_kernels
+from bnlab.nn import is_batch_norm
 from bnlab.training import TrainConfig, load_model, train
+from bnlab.training.evaluate import loss_fn
+from bnlab.training.store import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,9 +112,16 @@ def seed_run(small_mnist, tmp_path_factory) -> Path:
 def test_healthy_model_passes_and_is_left_unchanged(model, mnist):
     before = snapshot(model)
     report = check_model(model, mnist.test)
-    assert report.findings == [] and report.passed
-    assert report.layers == ["1", "4", "9"] and (report.samples, report.stats_samples) == (100, 1024)
-    assert "PASS: batch norm is used correctly" in report.format()
+    assert report.findings == [] and report.passed and report.verdict == "pass"
+    assert report.layers == ["1", "4", "9"] and (report.samples, report.stats_samples, report.held_out) == (
+        100,
+        1024,
+        1024,
+    )
+    assert report.cost.metric == "accuracy" and not report.cost.stale
+    text = report.format()
+    assert "statistics recomputed from 1024 inputs, 1024 others held out: accuracy" in text and " s\n" in text
+    assert text.endswith("PASS: batch norm is used correctly")
     assert_unchanged(model, before)
 
 
@@ -131,6 +143,52 @@ def test_seed_convnet_passes_with_tracked_statistics_and_fails_one_at_a_time_wit
     lesson = evidence(report, "identical-when-alone")
     assert lesson.startswith("all 100 samples scored alone get the same output (class ")
     assert not report.passed and "FAIL: errors: training-mode, identical-when-alone" in report.format()
+
+
+@pytest.fixture(scope="module")
+def stale_run(seed_run, small_mnist, tmp_path_factory) -> Path:
+    """A run whose statistics are stale by construction, whatever the machine: exact (recalibrated) for its
+    weights after 100 batches, then frozen (momentum 0) while the weights train 30 batches more."""
+    checkpoint = load_model(seed_run)
+    model = checkpoint.model
+    recalibrate(model, small_mnist.train.images[:1920])
+    for layer in model.modules():
+        if is_batch_norm(layer):
+            layer.momentum = 0.0
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=checkpoint.config.lr)
+    stream = Batches(small_mnist.train, checkpoint.config.batch_size, seed=2)
+    model.train()
+    for _ in range(30):
+        images, labels = next(stream)
+        optimizer.zero_grad()
+        loss_fn(checkpoint.config.loss, model(images), labels).backward()
+        optimizer.step()
+    run_dir = tmp_path_factory.mktemp("stale")
+    save_checkpoint(
+        run_dir / "checkpoint.pt", {"config": checkpoint.config.to_dict(), "state_dict": model.state_dict()}
+    )
+    return run_dir
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "BNLAB_KERNELS=0"])
+def test_a_stale_run_fails_and_passes_after_bnlab_recalibrate(stale_run, kernels, tmp_path, capsys):
+    """What the product guarantees, not one machine's accuracies: with float rounding of either kind (the
+    compiled kernels or tensor ops, as another CPU would round), the stale run fails, its recalibration passes."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes((stale_run / "checkpoint.pt").read_bytes())
+    with use_kernels(kernels):
+        assert main(["check", str(run_dir), "--device", "cpu", "--json"]) == 1
+        report = json.loads(capsys.readouterr().out)
+        (stale,) = [f for f in report["findings"] if f["code"] == "stale-stats"]
+        assert stale["layer"] is None and "`bnlab recalibrate RUN_DIR`" in stale["fix"]
+        assert report["cost"]["loss"] > report["cost"]["limit"]
+        assert main(["recalibrate", str(run_dir), "--samples", "2048", "--one-at-a-time", "0", "--device", "cpu"]) == 0
+        capsys.readouterr()
+        assert main(["check", str(run_dir / "checkpoint-precise.pt"), "--device", "cpu", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+    assert report["verdict"] == "pass" and report["findings"] == [], report
 
 
 def test_training_mode(model, mnist):
@@ -158,12 +216,14 @@ def test_statistics_never_updated(mnist):
 
 def test_nonfinite_statistics(model, mnist):
     model[1].running_var[0] = float("nan")
-    assert found(check_model(model, mnist.test)) == {("nonfinite-stats", "1")}
+    # NaN in eval mode spreads to every output: what that costs is measured too
+    assert found(check_model(model, mnist.test)) == {("nonfinite-stats", "1"), ("stale-stats", None)}
 
 
 def test_momentum_too_small_for_the_batches_trained(small_mnist, mnist):
     report = check_model(fit(small_net(momentum=0.01), small_mnist.train, batches=60), mnist.test)
-    assert {f.code for f in report.findings} == {"momentum-too-small"} and not report.passed
+    # the cause, per layer, and what it costs, for the model
+    assert {f.code for f in report.findings} == {"momentum-too-small", "stale-stats"} and not report.passed
     first = next(f for f in report.findings if f.layer == "1")  # its inputs' variance is far below the initial 1
     assert first.evidence.startswith("momentum 0.01 after 60 batches: 55% is still the initial value")
 
@@ -177,7 +237,27 @@ def test_momentum_too_large_is_a_warning(small_mnist, mnist):
 def test_stale_statistics_from_data_preprocessed_differently(model, mnist):
     standardized = Split((mnist.test.images - 0.1307) / 0.3081, mnist.test.labels)  # trained on [0, 1] pixels
     report = check_model(model, standardized)
-    assert found(report) == {("stale-stats", "1")}  # later layers normalize in training mode: they see no change
+    assert found(report) == {("stale-stats", None)} and report.cost.stale
+    # the evidence names the layer that drifted: later layers normalize in training mode, they see no change
+    assert (
+        evidence(report, "stale-stats")
+        .split("drifted most")[1]
+        .startswith(" (median channel's max(shift, stretch)): 1 (")
+    )
+
+
+def test_stale_statistics_without_labels(model, small_mnist, mnist):
+    """Without labels the cost is the change in the outputs, judged against two recomputations' difference."""
+    recalibrate(model, small_mnist.train.images)  # the statistics of this model's training data, exactly
+    report = check_model(model, mnist.test.images)
+    assert report.findings == [] and report.cost.metric == "changed predictions" and report.cost.noise > 0
+    standardized = (mnist.test.images - 0.1307) / 0.3081
+    report = check_model(model, standardized)
+    assert found(report) == {("stale-stats", None)}
+    assert "of the predictions change with recomputed statistics" in evidence(report, "stale-stats")
+    regression = nn.Sequential(*model[:-1], nn.Linear(32, 1)).eval()  # outputs that are not class scores
+    assert check_model(regression, mnist.test).cost.metric == "output change"
+    assert found(check_model(regression, standardized)) == {("stale-stats", None)}
 
 
 def test_batch_of_one_training(small_mnist, mnist):
@@ -185,6 +265,48 @@ def test_batch_of_one_training(small_mnist, mnist):
     # Layer "9" has one value per sample and feature: its variance collapsed. In the conv layers a
     # digit's own pixels vary about as much as MNIST does, so batches of one left them sound.
     assert found(report) == {("batch-of-one", "9")}
+
+
+class RowClassifier(nn.Module):
+    """A BN-LSTM reading an image's 28 rows as a sequence, its last hidden state classified: per-step statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = BNLSTM(28, 16, max_steps=28, batch_first=True)
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.lstm(images.flatten(1, 2))
+        return self.out(hidden[:, -1])
+
+
+def test_recurrent_batch_norm_with_statistics_per_time_step(small_mnist, mnist):
+    torch.manual_seed(0)
+    model = RowClassifier().eval()
+    sites = {f"lstm.layers.0.{name}" for name in ("bn_ih", "bn_hh", "bn_c")}
+    report = check_model(model, mnist.test)
+    assert set(report.layers) == sites and found(report) == {("stats-at-init", name) for name in sites}
+    assert report.findings[0].evidence == "num_batches_tracked = 0 in each of its 28 time-step rows"
+
+    fit(model, small_mnist.train, batches=60)
+    recalibrate(model, small_mnist.train.images)
+    report = check_model(model, mnist.test)
+    assert report.findings == [], report.format()
+
+    stored = copy.deepcopy(model)
+    recalibrate(stored, 1 - small_mnist.train.images)  # statistics of other data: inverted images
+    report = check_model(stored, mnist.test)
+    # per-step tables are not compared layer by layer: the cost alone tells, and names no layer
+    assert found(report) == {("stale-stats", None)} and "drifted most" not in evidence(report, "stale-stats")
+
+    model.train()
+    report = check_model(model, mnist.test)
+    assert {("training-mode", name) for name in sites} < found(report)
+    assert found(report) - {("training-mode", name) for name in sites} <= {
+        ("batch-dependent", None),
+        ("identical-when-alone", None),
+    }
+    assert not report.passed
 
 
 def test_redundant_bias(small_mnist, mnist):
@@ -214,11 +336,47 @@ def test_docs_explain_every_finding():
     assert all(f"`{code}`" in docs for code in RULES)
 
 
+def test_docs_rules_section_is_generated_from_the_rules():
+    """The rules are written once, in bnlab/check/rules.py; docs/check.md shows them."""
+    docs = (ROOT / "docs" / "check.md").read_text()
+    assert with_rules_section(docs) == docs, "docs/check.md is out of date: python -m bnlab.check.docs docs/check.md"
+    assert all(rule.explanation in docs and rule.fix in docs for rule in RULES.values())
+
+
+def test_a_model_without_batch_norm_is_not_called_correct(mnist):
+    report = check_model(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval(), mnist.test)
+    assert report.findings == [] and report.verdict == "no-batch-norm" and report.cost is None
+    text = report.format()
+    assert text.startswith("no batch-norm layer;") and "PASS" not in text
+    assert text.endswith(
+        "NO BATCH NORM: the model has no batch-norm layer, so there is nothing to check "
+        "(predictions do not depend on the batch)"
+    )
+
+
+class BatchCentering(nn.Module):
+    """Subtracts half the batch mean: a normalization over the batch that is no batch-norm layer (all of
+    it would make every sample scored alone 0, which is ``identical-when-alone``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - 0.5 * x.mean(0)
+
+
+def test_an_unrecognised_normalization_over_the_batch_still_fails(mnist):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), BatchCentering()).eval()
+    report = check_model(model, mnist.test)
+    assert found(report) == {("batch-dependent", None)} and report.verdict == "fail"
+
+
 def test_bad_arguments():
     with pytest.raises(UsageError, match="samples must be at least 2"):
         check_model(nn.Identity(), torch.zeros(10, 3), samples=1)
     with pytest.raises(UsageError, match=r"cannot score inputs of shape \(100, 1, 28, 28\)"):
         check_model(nn.Linear(10, 2), torch.zeros(200, 1, 28, 28))
+    with pytest.raises(UsageError, match="held_out must be at least 2"):
+        check_model(nn.Identity(), torch.zeros(10, 3), held_out=1)
+    with pytest.raises(UsageError, match="needs at least 6 inputs"):
+        check_model(nn.Identity(), torch.zeros(5, 3))
 
 
 FACTORIES = """
@@ -254,6 +412,18 @@ def returns_number():
 
 def raises():
     raise RuntimeError("no weights here")
+
+
+def exits():
+    raise SystemExit(3)
+
+
+def interrupted():
+    raise KeyboardInterrupt
+
+
+def without_batch_norm():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
 """
 
 
@@ -263,9 +433,11 @@ def factories(tmp_path, monkeypatch, healthy, seed_run) -> Path:
     torch.save(healthy, tmp_path / "healthy.pt")
     (tmp_path / "bnlab_test_factories.py").write_text(FACTORIES.format(seed_run=str(seed_run)))
     (tmp_path / "bnlab_test_broken.py").write_text("import bnlab_test_not_installed\n")
+    (tmp_path / "bnlab_test_script.py").write_text("import sys\n\nsys.exit(0)\n")  # a script, not a module
+    (tmp_path / "bnlab_test_ctrl_c.py").write_text("raise KeyboardInterrupt\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the command adds the current folder: undone afterwards
-    for name in ("bnlab_test_factories", "bnlab_test_broken"):
+    for name in ("bnlab_test_factories", "bnlab_test_broken", "bnlab_test_script", "bnlab_test_ctrl_c"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     return tmp_path
 
@@ -273,16 +445,29 @@ def factories(tmp_path, monkeypatch, healthy, seed_run) -> Path:
 def test_command_passes_a_healthy_model_with_exit_0(factories, capsys):
     assert main(["check", "bnlab_test_factories:healthy", "--device", "cpu", "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out) | {"layers": None} == {
+    report = json.loads(captured.out)
+    assert report["cost"]["metric"] == "accuracy" and report["cost"]["loss"] <= report["cost"]["limit"]
+    assert report["seconds"] > 0
+    assert report | {"layers": None, "cost": None, "seconds": None} == {
         "passed": True,
+        "verdict": "pass",
         "errors": 0,
         "warnings": 0,
         "layers": None,
         "samples": 100,
         "stats_samples": 1024,
+        "held_out": 1024,
+        "cost": None,
+        "seconds": None,
         "findings": [],
     }
     assert "PASS: batch norm is used correctly" in captured.err  # human lines on stderr under --json
+
+
+def test_command_says_when_there_is_no_batch_norm_to_check(factories, capsys):
+    assert main(["check", "bnlab_test_factories:without_batch_norm"]) == 0  # nothing is wrong: docs/check.md
+    out = capsys.readouterr().out
+    assert "no batch-norm layer;" in out and "NO BATCH NORM" in out and "PASS" not in out
 
 
 def test_command_fails_the_notebook_mistake_with_exit_1(factories, capsys):
@@ -321,6 +506,10 @@ def test_warnings_fail_only_with_strict(factories, capsys):
         ("bnlab_test_factories:returns_number", 2, "returned a value of type int, not a torch.nn.Module"),
         ("bnlab_test_factories:raises", 1, "bnlab_test_factories:raises() failed: RuntimeError: no weights here"),
         ("bnlab_test_broken:build", 1, "importing bnlab_test_broken failed: ModuleNotFoundError"),
+        ("bnlab_test_script:build", 1, "importing bnlab_test_script stopped: it raised SystemExit(0); keep"),
+        ("bnlab_test_ctrl_c:build", 1, "importing bnlab_test_ctrl_c stopped: it raised KeyboardInterrupt"),
+        ("bnlab_test_factories:exits", 1, "bnlab_test_factories:exits() stopped: it raised SystemExit(3)"),
+        ("bnlab_test_factories:interrupted", 1, "factories:interrupted() stopped: it raised KeyboardInterrupt"),
     ],
 )
 def test_bad_models_are_one_line_errors(factories, capsys, model, status, fragment):

@@ -29,10 +29,11 @@ from torch import nn
 
 from bnlab import kernels, reports
 from bnlab.config import BN_MODES, TrainConfig
-from bnlab.data import load_mnist
+from bnlab.data import fetch_mnist, load_mnist
+from bnlab.errors import BnlabError
 from bnlab.models import build_model
 from bnlab.nn import batchnorm as norm
-from bnlab.training import Hook, LoopState, evaluate, fit, train
+from bnlab.training import Hook, LoopState, evaluate, fit, resolve_device, train
 from bnlab.training.runner import prepare
 
 _SIZES = [28] * 2 + [14] * 3 + [7] * 3 + [4] * 3 + [2] * 3 + [1] * 5  # spatial size after conv d = 1..19
@@ -210,8 +211,6 @@ def measure_mode(
     bn: str, fast: bool, runs: int, steps: int, device_name: str = "auto", data_dir: str | None = None
 ) -> dict[str, Any]:
     """Everything ``training_benchmark`` reports for one mode and path (run in a fresh process)."""
-    from bnlab.training import resolve_device
-
     device = resolve_device(device_name)
     data = load_mnist(data_dir).to(device)
     out: dict[str, Any] = {"bn": bn, "fast": fast, "device": str(device), "threads": torch.get_num_threads()}
@@ -250,6 +249,8 @@ def training_benchmark(
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run ``measure_mode`` for each (mode, path) in its own Python process; return their reports."""
+    resolve_device(device)  # bad usage and missing data fail here, in one line, not inside a worker
+    fetch_mnist(data_dir)
     results = []
     for fast in paths:
         for bn in modes:
@@ -260,7 +261,8 @@ def training_benchmark(
                 [sys.executable, "-m", "bnlab.bench", args], capture_output=True, text=True, env=os.environ.copy()
             )
             if proc.returncode != 0:
-                raise RuntimeError(f"benchmark worker for bn={bn} failed:\n{proc.stderr[-2000:]}")
+                last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+                raise BnlabError(f"the benchmark worker for bn={bn} failed: {last}")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return results
 

@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = TrainConfig(
             bn=args.bn, batches=args.batches, batch_size=args.batch_size, lr=args.lr, loss=args.loss, seed=args.seed,
-            checkpoint_every=args.checkpoint_every,
+            checkpoint_every=args.checkpoint_every, precise_samples=args.precise_samples,
         )  # fmt: skip
         out = Path(args.out) if args.out else store.default_run_dir("runs/train", config)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: start the workers, then wait for them
@@ -188,6 +188,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint-every", type=non_negative_int, default=0, metavar="N",
         help="also save a resumable checkpoint every N batches (default: only at the end)",
+    )  # fmt: skip
+    p.add_argument(
+        "--precise-samples", type=non_negative_int, default=8192, metavar="N",
+        help="training images for the final scores with precise statistics; 0 skips them (default: 8192)",
     )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the stopped run in --out from its last checkpoint")
     p.add_argument(

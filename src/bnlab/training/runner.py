@@ -360,6 +360,7 @@ def _train(
         _restore(state, checkpoint, batches, result)
     if run is not None:
         details = {"world_size": world.size} if world else {}
+        details["batch_norm"] = kernels.status()  # which implementation bnlab's BN used: kernels or tensor ops
         run.write_config(config, device=str(device), fast=fast, threads=torch.get_num_threads(), **details)
     notebook = config.cadence == "notebook"
     main = world is None or world.is_main
