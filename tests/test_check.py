@@ -541,3 +541,28 @@ def test_installed_command_imports_from_the_current_folder(factories):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith("PASS: batch norm is used correctly")
+
+
+class BiasThenActivation(nn.Module):
+    """A linear layer's output goes through ReLU and a scale (freed intermediates) before BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.out = nn.Linear(784, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x.flatten(1)))
+        return self.out(self.bn(h * 2))
+
+
+def test_freed_intermediate_tensors_are_not_taken_for_the_layer_feeding_batch_norm(mnist):
+    """Tensor ids of freed outputs are reused; the trace must not credit BN's input to the biased linear layer."""
+    assert "redundant-bias" not in check_model(BiasThenActivation().eval(), mnist.test).codes()
+
+
+def test_dropout_left_in_training_mode_is_not_called_batch_dependent_and_random_state_is_kept(mnist):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.Dropout(0.5), nn.Linear(32, 10))
+    state = torch.get_rng_state()
+    report = check_model(model, mnist.test)
+    assert report.verdict == "no-batch-norm" and report.findings == []
+    assert torch.equal(state, torch.get_rng_state())

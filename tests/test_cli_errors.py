@@ -58,6 +58,16 @@ def finished_run(tmp_path_factory) -> Path:
     return out
 
 
+def finish(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``process.communicate``, reaping the process even when it does not end in time."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+
+
 # --- Arguments out of range, checked before any work ----------------------------------------------
 
 
@@ -115,7 +125,7 @@ def test_two_runs_into_one_directory_the_second_is_refused(tmp_path):
         assert "another bnlab process is writing" in one_line(second.stderr)
     finally:
         first.send_signal(signal.SIGTERM)  # SIGTERM as Ctrl-C: the run records that it was interrupted
-        _, err = first.communicate(timeout=60)
+        _, err = finish(first, timeout=60)
     assert first.returncode == 130, err
     summary = store.read_summary(out)
     assert summary["status"] == "interrupted" and summary["config"]["seed"] == 0
@@ -130,9 +140,14 @@ def test_default_run_directories_differ_for_runs_started_in_the_same_second(tmp_
         )
         for _ in range(2)
     ]  # fmt: skip
-    for process in processes:
-        _, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err
+    try:
+        for process in processes:
+            _, err = finish(process, timeout=300)
+            assert process.returncode == 0, err
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
     runs = sorted((tmp_path / "runs" / "train").iterdir())
     assert len(runs) == 2 and all(store.read_summary(r)["status"] == "completed" for r in runs)
 
@@ -216,7 +231,7 @@ def test_sigterm_interrupts_like_ctrl_c_and_keeps_the_files(tmp_path):
     while not (out / store.METRICS).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     os.kill(process.pid, signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
+    _, err = finish(process, timeout=60)
     assert process.returncode == 130 and "interrupted" in one_line(err)
     summary = store.read_summary(out)
     assert summary["status"] == "interrupted" and 0 < summary["batches_done"] < 5000

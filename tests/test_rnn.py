@@ -185,4 +185,5 @@ def test_bnlab_check_runs_on_a_bn_lstm_checkpoint(small_mnist, tmp_path):
     assert checkpoint.config == config
     assert checkpoint.model.lstm.layers[0].bn_c.num_batches_tracked.tolist() == [2] * 28
     report = check_model(checkpoint.model, small_mnist.test, samples=8, stats_samples=64, batch_size=32)
-    assert len(report.layers) == 3 and report.format()
+    assert len(report.layers) == 3 and report.cost is not None and report.cost.metric == "accuracy"
+    assert not {"training-mode", "batch-dependent", "identical-when-alone"} & set(report.codes())

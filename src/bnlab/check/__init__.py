@@ -30,12 +30,12 @@ from torch import Tensor, nn
 
 from bnlab.check.cost import measures_accuracy, score, stale_finding, statistics_cost
 from bnlab.check.estimates import SETTLED, Estimate, keeps_statistics, recompute, state_findings, statistics_findings
-from bnlab.check.probes import scoring_findings
+from bnlab.check.probes import one_line, scoring_findings
 from bnlab.check.report import Finding, Report, StatisticsCost
 from bnlab.check.rules import RULES, Rule
 from bnlab.check.spec import load_model_spec
 from bnlab.data import Split, load_mnist
-from bnlab.errors import UsageError
+from bnlab.errors import BnlabError, UsageError
 from bnlab.nn import is_batch_norm
 from bnlab.nn.precise import recalibrate
 
@@ -110,11 +110,25 @@ def check_model(
     )
     probe = _to_model(inputs[: report.samples], model)
     probe_labels = None if labels is None else labels[: report.samples].to(probe.device)
-    with torch.no_grad(), _unchanged(model):
+    with torch.no_grad(), _unchanged(model), torch.random.fork_rng():
+        torch.manual_seed(SPLIT_SEED)  # the caller's random state untouched, and the same report every time
+        for module in model.modules():  # dropout is random, not batch-dependent: off, as at inference
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.eval()
         report.findings += scoring_findings(model, layers, probe, probe_labels)
     if with_statistics:  # afresh: in training mode, the probes updated the statistics (put back since)
         parts = order[:recompute_count], order[recompute_count:][:held_count], order[recompute_count + held_count :]
-        estimates, report.cost = _stored_against_recomputed(model, layers, inputs, labels, parts, batch_size)
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(SPLIT_SEED)
+                estimates, report.cost = _stored_against_recomputed(model, layers, inputs, labels, parts, batch_size)
+        except BnlabError:
+            raise
+        except Exception as err:  # the user's model, failing in eval mode or while its statistics are recomputed
+            raise UsageError(
+                f"the model failed while its statistics were recomputed and scored ({one_line(err)}); "
+                "check that it runs in eval mode and in training mode on these inputs"
+            ) from err
         settled = {f.layer for f in report.findings if f.code in SETTLED}
         causes, drift = statistics_findings([(n, layer) for n, layer in layers if n not in settled], estimates)
         stale = stale_finding(report.cost, drift)

@@ -99,6 +99,7 @@ class _Trace:
         self.producers: dict[int, list[tuple[str, nn.Module, Tensor | None]]] = {}
         self.feeding: dict[str, tuple[str, nn.Module, Tensor]] = {}  # BN layer -> (producer, its input)
         self.handles: list[Any] = []
+        self.alive: list[Tensor] = []
 
     def __enter__(self) -> _Trace:
         for name, module in self.model.named_modules():
@@ -117,6 +118,7 @@ class _Trace:
             if isinstance(output, Tensor):
                 source = args[0] if args and isinstance(args[0], Tensor) else None
                 self.producers.setdefault(id(output), []).append((name, module, source))
+                self.alive.append(output)  # a freed output's id could be reused by a later, unrelated tensor
 
         return hook
 

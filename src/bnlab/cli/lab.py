@@ -6,6 +6,7 @@ import argparse
 import json
 
 from bnlab.cli.args import (
+    apply_threads,
     batches_int,
     common,
     csv_choices,
@@ -14,6 +15,7 @@ from bnlab.cli.args import (
     non_negative_int,
     positive_float,
     positive_int,
+    threads_option,
     writable_folder,
 )
 from bnlab.config import BN_MODES, TASKS
@@ -71,10 +73,7 @@ def cmd_benefits(args: argparse.Namespace) -> int:
 def cmd_rnn(args: argparse.Namespace) -> int:
     from bnlab.lab.rnn import rnn_table, run_rnn
 
-    if args.threads:  # on a loaded machine one thread per process can be many times faster than two
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     emit = emitter(args)
     outcome = run_rnn(
         args.task,
@@ -105,10 +104,7 @@ def cmd_rnn(args: argparse.Namespace) -> int:
 def cmd_precise(args: argparse.Namespace) -> int:
     from bnlab.lab.precise import run_precise
 
-    if args.threads:  # on a loaded machine one thread per process can be many times faster than two
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     emit = emitter(args)
     outcome = run_precise(
         args.budget,
@@ -212,7 +208,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--checkpoint-every", type=non_negative_int, default=200, metavar="N",
         help="a resumable checkpoint every N batches, 0 for only at the end (default: 200)",
     )  # fmt: skip
-    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's; 1 is faster on a busy CPU)")
+    threads_option(p)
     p.add_argument("--out", metavar="DIR", default="runs/rnn", help="output folder (default: runs/rnn)")
     p.add_argument("--fresh", action="store_true", help="retrain even where a finished run exists")
     common(p)
@@ -222,7 +218,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "precise",
         help="when do you need precise BN statistics, and from how many samples",
         description="Train the notebook's ConvNet with PyTorch's and bnlab's BN at EMA decay 0.9, 0.99 and 0.999, "
-        "score snapshots after 200, 800 and 3,000 batches with the running (EMA) statistics and with precise ones, "
+        "score snapshots (after 200, 800 and, in the full budget, 3,000 batches) with the running (EMA) statistics and "
+        "with precise ones, "
         "sweep the samples precise statistics are drawn from, and write report.md, results.json, results.csv and "
         "figures. Finished runs and their scores are reused.",
     )
@@ -235,7 +232,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--modes", type=csv_choices(BN_MODES[1:]), default="torch,manual", help="BN modes (default: torch,manual)"
     )
-    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's; 1 is faster on a busy CPU)")
+    threads_option(p)
     p.add_argument("--out", metavar="DIR", default="runs/precise", help="output folder (default: runs/precise)")
     p.add_argument("--fresh", action="store_true", help="retrain and rescore even where finished runs exist")
     common(p)

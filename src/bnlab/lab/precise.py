@@ -100,6 +100,7 @@ class PreciseResult:
     device: str
     trained: int
     wall_seconds: float
+    scored: tuple[int, int] = (5000, 10000)  # validation and test images each snapshot is scored on
 
     def threads(self) -> list[int]:
         """The thread counts the runs were trained with (reused runs keep theirs; floats depend on it)."""
@@ -157,11 +158,11 @@ class PreciseResult:
             )
         for bn in self.modes:
             rows = [r for r in self.sample_rows() if r["bn"] == bn and r["seeds"]]
-            enough = next((r for r in rows if _enough(r["validation_accuracy_short"])), None)
+            enough = next((r for r in rows[:-1] if _enough(r["validation_accuracy_short"])), None)
             out.append(
                 f"{LABELS[bn]}, decay {decay(momentum):g}, {length} batches: "
                 + (f"{enough['samples']:,} samples are enough ({_points(enough['validation_accuracy_short'])} points "
-                   f"below {largest:,})" if enough else "no sample count meets the rule")
+                   f"below {largest:,})" if enough else f"no count below {largest:,} meets the rule")
                 + (f"; recalibrating from {largest:,} took {_spread(rows[-1]['seconds'], '.1f')} s, "
                    f"{_spread(rows[-1]['share_of_training'], '.1%')} of the training time." if rows else ".")
             )  # fmt: skip
@@ -258,7 +259,16 @@ def run_precise(
         rows += measured
         trained += fresh
     outcome = PreciseResult(
-        plan, seed_list, tuple(modes), runs, rows, out, str(torch_device), trained, time.perf_counter() - started
+        plan,
+        seed_list,
+        tuple(modes),
+        runs,
+        rows,
+        out,
+        str(torch_device),
+        trained,
+        time.perf_counter() - started,
+        scored=tuple(min(len(split), plan.score_size or len(split)) for split in (data.validation, data.test)),
     )
     write_report(outcome)
     return outcome
@@ -273,11 +283,16 @@ def measure(
         return [], False  # a diverged run has no weights worth scoring; the report counts the seeds measured
     config = result.config
     settings = {"lengths": budget.lengths, "samples": budget.samples, "sweep": budget.sweep, "size": budget.score_size}
+    # which run and which data the scores are of: a retrained run or other data is scored anew
+    settings |= {"run_seconds": result.wall_seconds, "data": [len(data.train), len(data.validation), len(data.test)]}
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}  # as JSON reads it back
     if reuse and cache.is_file():
-        stored = read_json(cache)
-        if stored.get("settings") == settings:
-            return stored["rows"], False
+        try:
+            stored = read_json(cache)
+            if stored.get("settings") == settings:
+                return stored["rows"], False
+        except (OSError, ValueError, AttributeError):  # a damaged cache is measured anew
+            pass
     scored = MNIST(data.train, head(data.validation, budget.score_size), head(data.test, budget.score_size))
     train_split = training_split(config, data)
     clock = {h["batch"]: h["seconds"] for h in result.history}  # training seconds at each length
@@ -300,10 +315,8 @@ def measure(
 
 def report_blocks(outcome: PreciseResult) -> list[reports.Block]:
     plan, (momentum, length), largest = outcome.budget, outcome.budget.sweep, outcome.budget.samples[-1]
-    if plan.score_size is None:
-        images = "all 5,000 validation and 10,000 test images"
-    else:
-        images = f"the first {plan.score_size} validation and test images"
+    validation, test = outcome.scored
+    images = f"{'all' if plan.score_size is None else 'the first'} {validation:,} validation and {test:,} test images"
     decay_table = reports.Table(
         ("BN", "decay", "batches", "seeds", *(f"{s} {k}" for s in ("val", "test") for k in ("EMA", "precise", "gap"))),
         tuple(

@@ -290,10 +290,12 @@ def _table(outcome: RnnResult) -> tuple[list[str], list[list[str]], str]:
     config = outcome.runs["none"][0].config
     eval_size = "all" if config.eval_size is None else f"the first {config.eval_size:,}"
     spread = " Figures over several seeds: mean (min-max)." if max(r["seeds"] for r in rows) > 1 else ""
+    used = sorted({r.precise["samples"] for r in outcome.runs["manual"] if r.precise})  # whole batches of 100
+    samples = "/".join(f"{n:,}" for n in used) or f"{config.precise_samples:,}"
     note = (
         f"{TASK_NAMES[outcome.task]}, {_budget(outcome)}.{spread} validation, test: the whole sets after training. "
         "EMA: the running statistics the BN-LSTM trained with; precise: recomputed from "
-        f"{config.precise_samples:,} training images, same weights (the LSTM has no statistics). alone: the first "
+        f"{samples} training images, same weights (the LSTM has no statistics). alone: the first "
         f"{config.one_at_a_time} test images, each classified alone in eval mode. best eval and batches to X: "
         f"validation accuracy on {eval_size} validation images every {config.eval_every} batches. s/batch: training "
         "steps only. paper: Cooijmans et al., Table 1 (pixel and permuted tasks only)."

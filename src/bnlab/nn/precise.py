@@ -175,7 +175,8 @@ def _batches(
         x = chunk[0] if isinstance(chunk, (tuple, list)) else chunk
         if not isinstance(x, Tensor):
             raise UsageError(f"recalibrate: a batch must be a tensor or (inputs, labels); got {type(x).__name__}")
-        if seen >= samples:
+        x = x[: samples - seen]  # the last batch cut to the budget ...
+        if len(x) < 2:  # ... unless too little of it is left for batch statistics
             return
         yield x.to(device, dtype) if (dtype is not None and x.is_floating_point()) else x.to(device)
         seen += len(x)
@@ -205,8 +206,10 @@ def recalibrate(
     ``data``: a tensor of inputs (split into batches of ``batch_size``), an ``(inputs, labels)`` tuple,
     a ``bnlab.Split``, or an iterable of batches (a list, a generator, a DataLoader: tensors or
     ``(inputs, labels)`` each, whose own batch size then applies). At most ``samples`` inputs are
-    used. Inputs go to the model's device (and floating dtype). BN layers are torch.nn's
-    (``SyncBatchNorm`` included), bnlab's and bnlab's recurrent ``SequenceBatchNorm``.
+    used: from a tensor, whole batches of ``batch_size`` (as in training); from batches, the last one
+    cut to fit. ``Recalibration.samples`` says how many were used. Inputs go to the model's device
+    (and floating dtype). BN layers are torch.nn's (``SyncBatchNorm`` included), bnlab's and bnlab's
+    recurrent ``SequenceBatchNorm``.
     """
     if samples < 2 or batch_size < 2:
         raise UsageError(f"recalibrate needs samples and batch_size of at least 2; got {samples} and {batch_size}")

@@ -14,8 +14,10 @@ What changes with N processes, and what does not:
   Each process's loss is its shard's *sum* scaled by N / global batch size, so the average is the
   gradient of the global batch's mean loss whatever the shard sizes; the logged loss is the
   global batch's mean (one all_reduce of two numbers per step).
-- **Decisions** to stop (a NaN loss, a time budget, Ctrl-C on one process) are agreed by all
-  processes after every step (one all_reduce of one number), so no process waits for a peer that left.
+- **Decisions** to stop (a NaN loss, a diverged evaluation on rank 0, a time budget) are agreed
+  by all processes after every step (one all_reduce of one number; a second, before the hooks,
+  when there is a time budget), so no process waits for a peer that left. A process that dies or
+  is interrupted is not voted on: the elastic agent (or torchrun) ends its peers.
 - **Output**: rank 0 alone evaluates (in eval mode: no collective, so validation cannot hang), logs,
   shows progress and writes the run directory and checkpoints. Resuming reads the run directory
   on every process, so on several machines it must be on a shared file system.
@@ -43,7 +45,7 @@ from bnlab.data import Batches
 from bnlab.errors import BnlabError
 from bnlab.training.evaluate import loss_fn
 
-STOP_REASONS = ("diverged", "time", "interrupted")  # agreed by code: the largest wins
+STOP_REASONS = ("time", "diverged")  # agreed by code: the largest wins
 RENDEZVOUS_TIMEOUT = timedelta(seconds=60)
 
 
@@ -72,11 +74,12 @@ class World:
         return local_sum * (self.size / global_n), global_sum / global_n
 
     def agree(self, stop: str | None) -> str | None:
-        """The stop reason of any process (the most serious), so that all leave the loop together."""
-        vote = torch.tensor([0 if stop is None else STOP_REASONS.index(stop) + 1 if stop in STOP_REASONS else 1])
+        """The most serious stop reason of any process, the same on all, so that all leave the loop together
+        (a hook's own reason counts as "diverged"; the process that gave it keeps its wording in ``message``)."""
+        vote = torch.tensor([0 if stop is None else STOP_REASONS.index(stop) + 1 if stop in STOP_REASONS else 2])
         dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group)
         code = int(vote.item())
-        return None if code == 0 else stop if stop is not None else STOP_REASONS[code - 1]
+        return None if code == 0 else STOP_REASONS[code - 1]
 
 
 def from_env(device: torch.device) -> World | None:
@@ -131,12 +134,15 @@ def launch(nproc: int, argv: Sequence[str]) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     cores = os.cpu_count() or 1
+    environment = dict(os.environ)
+    loggers = {name: logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")}
+    levels = {name: logger.level for name, logger in loggers.items()}
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # no oversubscription
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # One line says what failed (below); the agent's own tracebacks and a killed worker's leaked
     # semaphores (reported by Python's resource tracker at exit) would bury it.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    logging.getLogger("torch.multiprocessing").setLevel(logging.ERROR)
+    loggers["torch.distributed.elastic"].setLevel(logging.CRITICAL)
+    loggers["torch.multiprocessing"].setLevel(logging.ERROR)
     os.environ["PYTHONWARNINGS"] = ",".join(
         filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore::UserWarning:multiprocessing.resource_tracker"])
     )
@@ -147,11 +153,16 @@ def launch(nproc: int, argv: Sequence[str]) -> None:
     try:
         elastic_launch(config, worker)(list(argv))
     except ChildFailedError as err:
-        rank, failure = min(err.failures.items())
+        rank, failure = err.get_first_failure()  # the first to fail; its peers fail after it
         signal = (
             f"killed by signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         )
         raise BnlabError(f"worker rank {rank} failed ({signal}); the job stopped") from None
+    finally:  # the caller's environment and logging as they were
+        os.environ.clear()
+        os.environ.update(environment)
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
 
 
 def worker(argv: list[str]) -> None:

@@ -107,9 +107,11 @@ def fit(
         state.loss, state.images, state.labels = value, images, labels
         if seconds is not None and state.clock >= seconds:
             state.stop = "time"
+        if world is not None and seconds is not None:  # clocks differ: agree on time before the hooks see it
+            state.stop = world.agree(state.stop)
         for hook in hooks:
             hook.after_step(state)
-        if world is not None:
+        if world is not None:  # a hook's stop (rank 0's evaluation) reaches every process
             state.stop = world.agree(state.stop)
     return state
 

@@ -9,6 +9,10 @@ what the weights can do whatever state the EMA is in.
 
 The run's status ends up in summary.json whatever happens: completed, diverged (the loss became NaN
 or infinite), interrupted (Ctrl-C, SIGTERM) or failed (any other error, before or during the loop).
+
+Why this file is over 500 lines: it is everything between a config and a finished run directory,
+and its parts (the hooks of both cadences, checkpoints, resume, the final scores) share one
+``RunResult`` and one run's state; split apart they would pass that state around instead.
 """
 
 from __future__ import annotations
