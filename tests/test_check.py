@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -566,3 +567,12 @@ def test_dropout_left_in_training_mode_is_not_called_batch_dependent_and_random_
     report = check_model(model, mnist.test)
     assert report.verdict == "no-batch-norm" and report.findings == []
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_a_real_ctrl_c_while_importing_the_model_ends_the_command_with_130(factories, capsys):
+    """Unlike a module that raises KeyboardInterrupt itself (a user error, status 1), a real signal interrupts."""
+    (factories / "bnlab_test_slow_import.py").write_text("import os, signal\n\nos.kill(os.getpid(), signal.SIGINT)\n")
+    sys.modules.pop("bnlab_test_slow_import", None)
+    assert main(["check", "bnlab_test_slow_import:build"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command put Python's handler back

@@ -23,3 +23,9 @@ class CheckpointError(BnlabError):
 
 class TrainingDiverged(BnlabError):
     """The loss became NaN or infinite; the run stopped and kept what it had written."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM really received by the ``bnlab`` command (its signal handlers raise this), as
+    opposed to a ``KeyboardInterrupt`` that user code raises itself: ``bnlab check`` reports the latter
+    as the user's module stopping, and lets the former end the command with status 130."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bnlab.check.probes import one_line
-from bnlab.errors import BnlabError, UsageError
+from bnlab.errors import BnlabError, Interrupted, UsageError
 
 __all__ = ["load_model_spec"]
 
@@ -51,6 +51,8 @@ def load_model_spec(spec: str, device: str | torch.device = "cpu") -> nn.Module:
             f"cannot import {module_name} (no module named {err.name!r}); run bnlab from the folder that holds it, "
             "or add that folder to PYTHONPATH"
         ) from None
+    except Interrupted:  # a real Ctrl-C or SIGTERM while importing: the command ends (status 130)
+        raise
     except (SystemExit, KeyboardInterrupt) as err:
         raise BnlabError(
             f"importing {module_name} stopped: it raised {_stopped(err)}; keep a module's script code under "
@@ -67,6 +69,8 @@ def load_model_spec(spec: str, device: str | torch.device = "cpu") -> nn.Module:
         raise UsageError(f"{spec} is not a function that returns a model but a value of type {type(factory).__name__}")
     try:
         model = factory()
+    except Interrupted:
+        raise
     except (SystemExit, KeyboardInterrupt) as err:
         raise BnlabError(f"{spec}() stopped: it raised {_stopped(err)}; a factory must return the model") from err
     except Exception as err:  # the factory's own code failed

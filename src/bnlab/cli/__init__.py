@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from bnlab.cli import lab, run, tools
 from bnlab.cli.args import Parser
-from bnlab.errors import BnlabError, UsageError
+from bnlab.errors import BnlabError, Interrupted, UsageError
 from bnlab.version import __version__
 
 
@@ -33,15 +33,15 @@ def build_parser() -> Parser:
     return parser
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends a run as Ctrl-C does: its status recorded, its files intact
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted  # SIGTERM ends a run as Ctrl-C does: its status recorded, its files intact
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # what the workers of a multi-process run are started with
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     name = f"bnlab {args.command}"
     try:
         return args.func(args)
@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # a bug in bnlab: say so in one line, not in a traceback
         return _fail(name, f"internal error: {type(err).__name__}: {err} (BNLAB_DEBUG=1 shows where)", 1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _fail(name: str, message: str, status: int) -> int:
