@@ -23,6 +23,17 @@ def spread(stats: dict[str, float], digits: int) -> str:
     return f"{stats['mean']:.{digits}f} ({stats['min']:.{digits}f}-{stats['max']:.{digits}f})"
 
 
+def summarize(values: Sequence[float | None]) -> dict[str, float] | None:
+    """Mean, min and max over the values present (seeds, runs); None when there are none."""
+    present = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(present), "min": min(present), "max": max(present)} if present else None
+
+
+def spread_cell(stats: dict[str, float] | None, digits: int) -> str:
+    """``spread`` for a table cell: '-' where there is nothing (e.g. precise figures without BN)."""
+    return "-" if stats is None else spread(stats, digits)
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
 

@@ -83,21 +83,10 @@ class StatisticsCost:
                 f"{NOISE_Z:g} x the paired noise {self.noise * 100:.2f})"
             )
         if self.metric == "changed predictions":
-            moved, noise, limit, floor = (
-                f"{self.loss:.1%}",
-                f"{self.noise:.1%}",
-                f"{self.limit:.1%}",
-                f"{CHANGED_LIMIT:.0%}",
-            )
-            what = "of the predictions change"
+            form, floor, what = ".1%", f"{CHANGED_LIMIT:.0%}", "of the predictions change"
         else:
-            moved, noise, limit, floor = (
-                f"{self.loss:.3f}",
-                f"{self.noise:.3f}",
-                f"{self.limit:.3f}",
-                f"{OUTPUT_LIMIT:g}",
-            )
-            what = "is how far the outputs move (relative to their spread)"
+            form, floor, what = ".3f", f"{OUTPUT_LIMIT:g}", "is how far the outputs move (relative to their spread)"
+        moved, noise, limit = (format(value, form) for value in (self.loss, self.noise, self.limit))
         return (
             f"{moved} {what} with recomputed statistics, {noise} between two recomputations "
             f"(stale above {limit}: the larger of {floor} and {NOISE_FACTOR:g} x that)"

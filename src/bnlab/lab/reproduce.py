@@ -16,7 +16,6 @@ of retrained, so an interrupted ``reproduce`` picks up where it stopped.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +54,6 @@ ACCURACIES = ("validation_accuracy", "test_accuracy", "one_at_a_time_accuracy")
 DIGITS = {"validation_accuracy": 4, "test_accuracy": 4, "one_at_a_time_accuracy": 2}  # 100 images: 2 digits
 
 
-def _spread(values: Sequence[float]) -> dict[str, float] | None:
-    """Mean, min and max over seeds; None when there is nothing (precise figures of the network without BN)."""
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)} if values else None
-
-
 @dataclass
 class ReproduceResult:
     runs: dict[str, list[RunResult]]  # bn mode -> one result per seed
@@ -71,10 +65,10 @@ class ReproduceResult:
         for bn, results in self.runs.items():
             row: dict[str, Any] = {"bn": bn, "network": LABELS[bn], "seeds": len(results)}
             for key in ACCURACIES:
-                row[key] = _spread([getattr(r, key) for r in results])
-                row[f"precise_{key}"] = _spread([r.precise[key] for r in results if r.precise])
-            row["wall_seconds"] = _spread([r.wall_seconds for r in results])
-            row["precise_seconds"] = _spread([r.precise["seconds"] for r in results if r.precise])
+                row[key] = reports.summarize([getattr(r, key) for r in results])
+                row[f"precise_{key}"] = reports.summarize([r.precise[key] for r in results if r.precise])
+            row["wall_seconds"] = reports.summarize([r.wall_seconds for r in results])
+            row["precise_seconds"] = reports.summarize([r.precise["seconds"] for r in results if r.precise])
             row["notebook_test_accuracy"] = NOTEBOOK[bn].test_accuracy
             row["notebook_one_at_a_time_accuracy"] = NOTEBOOK[bn].one_at_a_time_accuracy
             rows.append(row)
@@ -158,9 +152,6 @@ def reproduce_table(outcome: ReproduceResult) -> str:
     seeds = max(r["seeds"] for r in rows)
     spread = " (mean, min-max over seeds)" if seeds > 1 else ""
 
-    def cell(stats: dict[str, float] | None, digits: int) -> str:
-        return "-" if stats is None else reports.spread(stats, digits)
-
     headers = ["network", "seeds"]
     headers += [f"{name} {kind}" for name in ("validation", "test", "100 alone") for kind in ("EMA", "precise")]
     headers += ["wall s", "precise s", "notebook test", "notebook 100"]
@@ -168,13 +159,9 @@ def reproduce_table(outcome: ReproduceResult) -> str:
         [
             r["network"],
             str(r["seeds"]),
-            *(
-                cell(r[prefix + key], 4 if key != "one_at_a_time_accuracy" else 2)
-                for key in ACCURACIES
-                for prefix in ("", "precise_")
-            ),
-            cell(r["wall_seconds"], 1),
-            cell(r["precise_seconds"], 2),
+            *(reports.spread_cell(r[prefix + key], DIGITS[key]) for key in ACCURACIES for prefix in ("", "precise_")),
+            reports.spread_cell(r["wall_seconds"], 1),
+            reports.spread_cell(r["precise_seconds"], 2),
             f"{r['notebook_test_accuracy']:.4f}",
             f"{r['notebook_one_at_a_time_accuracy']:.2f}",
         ]

@@ -22,7 +22,6 @@ The report: table.md, report.md, results.csv, results.json and validation_accura
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from bnlab.config import MAX_BATCHES, TASKS, TrainConfig, check_choice
 from bnlab.data import MNIST, load_mnist
 from bnlab.errors import CheckpointError, UsageError
 from bnlab.fileio import atomic_write_bytes, write_json
+from bnlab.reports import spread_cell, summarize
 from bnlab.training import RunResult, load_run, resolve_device, store, train
 
 ARMS = {"none": "LSTM", "manual": "BN-LSTM"}  # bn -> the model's name
@@ -122,12 +122,6 @@ def run_arm(
     return train(config, data, run_dir=path, replace=True, **options), "trained"
 
 
-def _spread(values: Sequence[float | None]) -> dict[str, float] | None:
-    """Mean, min and max over the runs that have the value; None when none has it."""
-    present = [v for v in values if v is not None]
-    return {"mean": statistics.fmean(present), "min": min(present), "max": max(present)} if present else None
-
-
 def _precise(result: RunResult, key: str) -> float | None:
     return result.precise.get(key) if result.precise else None
 
@@ -158,16 +152,18 @@ class RnnResult:
         for bn, results in self.runs.items():
             row: dict[str, Any] = {"bn": bn, "model": ARMS[bn], "seeds": len(results)}
             row["diverged"] = sum(r.diverged for r in results)
-            row["batches"] = _spread([r.batches_done for r in results])
-            row["train_seconds"] = _spread([_train_seconds(r) for r in results])
-            row["seconds_per_batch"] = _spread([_train_seconds(r) / r.batches_done for r in results if r.batches_done])
+            row["batches"] = summarize([r.batches_done for r in results])
+            row["train_seconds"] = summarize([_train_seconds(r) for r in results])
+            row["seconds_per_batch"] = summarize(
+                [_train_seconds(r) / r.batches_done for r in results if r.batches_done]
+            )
             for key in ("validation_accuracy", "test_accuracy", "one_at_a_time_accuracy"):
-                row[key] = _spread([getattr(r, key) for r in results])
-                row[f"precise_{key}"] = _spread([_precise(r, key) for r in results])
-            row["best_eval_accuracy"] = _spread([r.best() for r in results if r.points])
+                row[key] = summarize([getattr(r, key) for r in results])
+                row[f"precise_{key}"] = summarize([_precise(r, key) for r in results])
+            row["best_eval_accuracy"] = summarize([r.best() for r in results if r.points])
             for threshold in THRESHOLDS:
                 reached = [_reaching(r, threshold) for r in results]
-                row[f"batches_to_{threshold:g}"] = _spread(reached)
+                row[f"batches_to_{threshold:g}"] = summarize(reached)
                 row[f"reached_{threshold:g}"] = sum(b is not None for b in reached)
             row["paper_test_accuracy"] = PAPER_TEST_ACCURACY.get(self.task, {}).get(bn)
             rows.append(row)
@@ -256,10 +252,6 @@ def _run_line(result: RunResult) -> str:
 # --- the report -------------------------------------------------------------------------------------
 
 
-def _cell(stats: dict[str, float] | None, digits: int) -> str:
-    return "-" if stats is None else reports.spread(stats, digits)
-
-
 def _budget(outcome: RnnResult) -> str:
     config = outcome.runs["none"][0].config
     parts = [] if config.batches == MAX_BATCHES else [f"{config.batches:,} batches"]
@@ -277,13 +269,17 @@ def _table(outcome: RnnResult) -> tuple[list[str], list[list[str]], str]:
     body = []
     for r in rows:
         cells = [r["model"], str(r["seeds"]) + (f" ({r['diverged']} diverged)" if r["diverged"] else "")]
-        cells += [_cell(r["batches"], 0), _cell(r["seconds_per_batch"], 3), _cell(r["validation_accuracy"], 4)]
-        cells += [_cell(r["test_accuracy"], 4), _cell(r["precise_test_accuracy"], 4)]
-        cells += [_cell(r["one_at_a_time_accuracy"], 2), _cell(r["precise_one_at_a_time_accuracy"], 2)]
-        cells.append(_cell(r["best_eval_accuracy"], 4))
+        cells += [
+            spread_cell(r["batches"], 0),
+            spread_cell(r["seconds_per_batch"], 3),
+            spread_cell(r["validation_accuracy"], 4),
+        ]
+        cells += [spread_cell(r["test_accuracy"], 4), spread_cell(r["precise_test_accuracy"], 4)]
+        cells += [spread_cell(r["one_at_a_time_accuracy"], 2), spread_cell(r["precise_one_at_a_time_accuracy"], 2)]
+        cells.append(spread_cell(r["best_eval_accuracy"], 4))
         for t in THRESHOLDS:
             reached, stats = r[f"reached_{t:g}"], r[f"batches_to_{t:g}"]
-            cells.append(_cell(stats, 0) + (f" ({reached}/{r['seeds']})" if 0 < reached < r["seeds"] else ""))
+            cells.append(spread_cell(stats, 0) + (f" ({reached}/{r['seeds']})" if 0 < reached < r["seeds"] else ""))
         paper = r["paper_test_accuracy"]
         cells.append("-" if paper is None else f"{paper:.3f}")
         body.append(cells)

@@ -50,7 +50,6 @@ from bnlab.version import __version__
 
 FORMAT, CHECKPOINT_FORMAT, VERSION = "bnlab.run", "bnlab.checkpoint", 2
 CONFIG, METRICS, SUMMARY, CHECKPOINT, LOCK = "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", ".lock"
-STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
 FINISHED = ("completed", "diverged")  # a run that ended by itself: its result stands and can be reused
 
 
