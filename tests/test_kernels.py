@@ -1,29 +1,72 @@
-"""Building, caching, verifying and falling back from bnlab's compiled batch-norm kernels."""
+"""Building, caching, verifying, installing and falling back from bnlab's compiled CPU kernels."""
 
 from __future__ import annotations
 
-import ctypes
+import copy
+import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import bnlab
 from bnlab import kernels
-from bnlab import nn as norm
-from bnlab.kernels import abi, build
+from bnlab.kernels import build
 
-needs_compiler = pytest.mark.skipif(build.compiler() is None, reason="needs a C++ compiler")
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="needs the compiled kernels")
 
 
 @pytest.fixture
 def fresh_kernels(monkeypatch, tmp_path):
-    """A clean loader state with its own cache folder; the real state comes back afterwards."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(kernels, "_kernels", None)
-    monkeypatch.setattr(kernels, "_failure", None)
-    return tmp_path
+    """A clean loader state with its own cache folder; the process's kernels come back afterwards."""
+    with kernels.use_kernels(False):  # the process's own kernels leave the dispatcher meanwhile
+        saved = kernels._library, kernels._failure
+        kernels._library = kernels._failure = None
+        kernels._enabled = True
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        try:
+            yield tmp_path
+        finally:
+            kernels._register(False)  # a library loaded by the test leaves the dispatcher too
+            kernels._library, kernels._failure = saved
+
+
+@pytest.fixture(scope="module")
+def pristine() -> bytes:
+    """This machine's built library (from the real cache, built there first if needed)."""
+    if not kernels.available():
+        pytest.skip("needs the compiled kernels")
+    return build.library(build.compiler()).read_bytes()
+
+
+def _install_in_cache(data: bytes, directory: Path | None = None) -> Path:
+    """Put a library into a cache folder (default: the current one) under the name a build of it would get."""
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    target = (directory or build.cache_dir()) / f"operators-{build.key(build.compiler())}-{digest}.so"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return target
+
+
+def _same_as_tensor_ops(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Outputs, gradients and running statistics agree between the kernels and the tensor ops."""
+    results = []
+    for on in (True, False):
+        layer = copy.deepcopy(model)
+        xi = x.detach().clone().requires_grad_()
+        with kernels.use_kernels(on):
+            y = layer(xi)
+            y.float().square().sum().backward()
+        results.append((y, xi.grad, layer.weight.grad, layer.running_mean, layer.running_var))
+    for a, b in zip(*results, strict=True):
+        tol = {"rtol": 1e-2, "atol": 1e-2} if a.dtype in (torch.float16, torch.bfloat16) else {}
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, **tol)
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):  # the layouts the kernels keep
+        assert results[0][0].stride() == results[1][0].stride() == x.stride()
 
 
 def test_without_a_compiler_bnlab_falls_back_with_one_warning(fresh_kernels, monkeypatch):
@@ -31,9 +74,10 @@ def test_without_a_compiler_bnlab_falls_back_with_one_warning(fresh_kernels, mon
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
         assert not kernels.available()
     assert "tensor ops (kernels unavailable" in kernels.status()
-    layer = norm.BatchNorm2d(3)
+    layer = bnlab.BatchNorm2d(3)
     x = torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(layer(x), torch.nn.functional.batch_norm(x, None, None, training=True))
+    assert not kernels._installed
 
 
 def test_a_failing_build_falls_back(fresh_kernels, monkeypatch):
@@ -44,64 +88,90 @@ def test_a_failing_build_falls_back(fresh_kernels, monkeypatch):
     assert not [p for p in (fresh_kernels / "bnlab" / "kernels").iterdir()]  # no half-written files
 
 
-@needs_compiler
-def test_the_build_is_cached_per_source(fresh_kernels, monkeypatch):
-    first = build.library(build.compiler())
-    assert first.is_file() and first.parent == fresh_kernels / "bnlab" / "kernels"
+def test_a_cached_library_is_verified_and_reused(fresh_kernels, pristine, monkeypatch):
+    cached = _install_in_cache(pristine)
     calls = []
     real_run = subprocess.run
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real_run(cmd, **kw))
-    assert build.library(build.compiler()) == first
+    assert build.library(build.compiler()) == cached
     assert all("--version" in cmd for cmd in calls)  # nothing recompiled
 
 
-@needs_compiler
 @pytest.mark.parametrize("damage", ["truncate", "overwrite"])
-def test_a_damaged_cached_library_is_rebuilt_not_loaded(fresh_kernels, damage):
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(fresh_kernels, pristine, monkeypatch, damage):
     """A truncated library crashed every later run with SIGBUS; its checksum now catches it first."""
-    library = build.library(build.compiler())
-    data = library.read_bytes()
-    library.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"\0" * len(data))
+    cached = _install_in_cache(pristine)
+    cached.write_bytes(pristine[: len(pristine) // 3] if damage == "truncate" else b"\0" * len(pristine))
+    builds = []
+    monkeypatch.setattr(
+        build, "_compile", lambda cxx, directory, key: builds.append(key) or _install_in_cache(pristine)
+    )
     with pytest.warns(UserWarning, match="damaged kernel library"):
         rebuilt = build.library(build.compiler())
-    assert rebuilt.read_bytes() == data
-    # and in a fresh process (where a bad load would kill the interpreter) the kernels load and run
-    rebuilt.write_bytes(data[:100])
+    assert len(builds) == 1 and rebuilt.read_bytes() == pristine
+
+
+@needs_kernels
+def test_a_damaged_library_is_rebuilt_by_a_fresh_process(tmp_path, pristine):
+    """Where loading it would kill the interpreter: the process rebuilds it (a real build) and runs."""
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path), "BNLAB_KERNELS": "1"}
+    _install_in_cache(pristine, tmp_path / "bnlab" / "kernels").write_bytes(pristine[:100])
     code = (
         "from bnlab import kernels; import torch, bnlab; print(kernels.status()); "
-        "bnlab.BatchNorm2d(3)(torch.randn(4, 3, 2, 2))"
+        "bnlab.BatchNorm2d(3)(torch.randn(4, 3, 2, 2)); assert kernels._installed"
     )
-    env = os.environ | {"XDG_CACHE_HOME": str(fresh_kernels)}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("compiled kernels") and "damaged kernel library" in result.stderr
 
 
 def test_env_var_turns_the_kernels_off():
-    code = "from bnlab import kernels; print(kernels.status())"
+    code = (
+        "from bnlab import kernels; import torch, bnlab; bnlab.BatchNorm1d(3)(torch.randn(4, 3)); "
+        "print(kernels.status(), kernels._installed)"
+    )
     env = os.environ | {"BNLAB_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.startswith("tensor ops (kernels turned off")
+    assert out.startswith("tensor ops (kernels turned off") and out.strip().endswith("False")
 
 
-def test_kernels_are_not_used_where_they_do_not_apply():
-    x = torch.randn(4, 3, 5, 5)
-    assert kernels.layout(x) is kernels.Layout.NCS
-    assert kernels.layout(x.contiguous(memory_format=torch.channels_last)) is kernels.Layout.NSC
-    assert kernels.layout(x.half()) is None  # float16: tensor ops with float32 statistics
-    assert kernels.layout(x.transpose(2, 3)) is None  # neither layout
-    assert not kernels.usable(x, torch.ones(3, dtype=torch.float64))  # mixed dtypes
+@needs_kernels
+def test_use_kernels_adds_and_removes_the_cpu_kernels_from_the_dispatcher():
+    def registered() -> bool:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("bnlab::batch_norm_train", "AutogradCPU")
+
+    x = torch.randn(4, 3, requires_grad=True)
+    bnlab.BatchNorm1d(3)(x)  # the first CPU call installs them
+    assert registered() and type(bnlab.BatchNorm1d(3)(x).grad_fn).__name__ == "CppFunction"
+    with kernels.use_kernels(False):
+        assert not registered()
+        assert type(bnlab.BatchNorm1d(3)(x).grad_fn).__name__ == "_TrainBackward"  # ops.py's Python autograd
+    assert registered()
 
 
-def test_the_abi_is_declared_once_and_called_by_name():
-    header = abi.header()
-    for name, params in abi.SIGNATURES.items():
-        assert f"void {name}_f32(" in header and f"void {name}_f64(" in header
-        assert header.count(params[0][0]) >= 2  # parameter names appear in the declarations
-    assert f"#define BNLAB_ABI_VERSION {abi.VERSION}" in header
-    if not kernels.available():
-        pytest.skip("kernels unavailable")
-    kernel = kernels._kernels["bn_normalize"]
-    with pytest.raises(TypeError, match="bn_normalize takes x, weight, bias"):
-        kernel(torch.float32, x=None)
-    assert isinstance(kernel._functions[torch.float32], ctypes._CFuncPtr)
+@needs_kernels
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x,
+        lambda x: x.contiguous(memory_format=torch.channels_last),
+        lambda x: x.transpose(2, 3),  # neither layout: made contiguous for the kernels
+        lambda x: x[:, :, ::2],  # strided
+        lambda x: x.double(),
+        lambda x: x.half(),  # computed in float32, as the tensor ops do
+        lambda x: x.bfloat16(),
+    ],
+    ids=["contiguous", "channels_last", "transposed", "strided", "float64", "float16", "bfloat16"],
+)
+def test_kernels_take_every_cpu_input_the_tensor_ops_take(make):
+    torch.manual_seed(0)
+    x = make(torch.randn(6, 3, 4, 5) * 3 + 2)
+    layer = bnlab.BatchNorm2d(3, dtype=x.dtype if x.dtype == torch.float64 else None)
+    _same_as_tensor_ops(layer, x)
+
+
+@needs_kernels
+def test_mixed_dtypes_and_buffers_follow_the_tensor_ops():
+    layer = bnlab.BatchNorm1d(3)
+    layer.running_mean = layer.running_mean.double()  # a buffer of another dtype: updated in its own
+    _same_as_tensor_ops(layer, torch.randn(8, 3, 5))

@@ -129,5 +129,5 @@ def test_the_operators_are_registered_with_the_dispatcher():
         schema = str(getattr(torch.ops.bnlab, name).default._schema)
         assert schema.startswith(f"bnlab::{name}(")
     x = torch.randn(4, 3, 2, 2, device="meta")
-    y, stats = torch.ops.bnlab.batch_norm_train(x, None, None, 1e-5, False)  # the fake implementation
+    y, stats = torch.ops.bnlab.batch_norm_train(x, None, None, None, None, 0.1, 1e-5, True, False)  # fake
     assert y.shape == x.shape and stats.shape == (3, 3) and stats.dtype == torch.float64

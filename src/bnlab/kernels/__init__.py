@@ -1,17 +1,20 @@
-"""bnlab's compiled CPU batch-norm kernels (``batch_norm.cpp``), built on first use.
+"""bnlab's compiled CPU batch norm: C++ kernels registered as the CPU implementation of bnlab's operators.
 
-The kernels compute what ``bnlab.nn.statistics`` writes with tensor ops, in fewer passes over
-memory and with ReLU fused in. They take float32/float64 CPU tensors, contiguous or channels_last.
-They are called only from the operators in ``bnlab.nn.ops``, never directly on a model's tensors,
-so everything PyTorch does to an operator (tracing, export, compile) sees them.
+``batch_norm.h`` computes what ``bnlab.nn.statistics`` writes with tensor ops, in fewer passes over
+memory and with ReLU fused in; ``operators.cpp`` wraps it as the CPU and AutogradCPU kernels of the
+operators ``bnlab::batch_norm_{train,backward,eval}`` (defined in ``bnlab.nn.ops``). Once installed,
+a CPU call goes from Python into the dispatcher and stays in C++, forward and backward; everything
+PyTorch does to an operator (tracing, export, compile, script) sees the same operator either way.
 
 The library is built once per machine with the system C++ compiler (``$CXX``, else ``c++``,
-``g++`` or ``clang++``; about a second) and cached, verified, by ``build.py``. Without a compiler,
-or if the build fails, ``available()`` is False, a warning says why once, and bnlab's batch norm
-uses its tensor-op implementation: the same maths, slower (outputs agree to float rounding, so a
-long training run takes a slightly different path).
+``g++`` or ``clang++``) against the installed PyTorch, about 40 seconds, and cached, verified, by
+``build.py``. It is built and installed on the first CPU call of a bnlab operator. Without a
+compiler, or if the build fails, ``available()`` is False, a warning says why once, and the
+operators keep their tensor-op implementation: the same maths, slower (outputs agree to float
+rounding, so a long training run takes a slightly different path).
 
-``BNLAB_KERNELS=0`` (or ``use_kernels(False)``) turns the kernels off, for debugging or comparison.
+``BNLAB_KERNELS=0`` (or ``use_kernels(False)``) turns the kernels off, for debugging or comparison:
+they are removed from the dispatcher, and the tensor-op implementation serves CPU tensors.
 """
 
 from __future__ import annotations
@@ -25,34 +28,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor
 
-from bnlab.kernels import abi, build
-from bnlab.kernels.abi import Layout
+from bnlab.kernels import build
 
-__all__ = ["Layout", "available", "backward", "forward_train", "layout", "normalize", "status", "use_kernels"]
+__all__ = ["available", "install", "status", "use_kernels"]
 
-_lock = threading.Lock()
-_kernels: dict[str, abi.Kernel] | None = None
+_lock = threading.RLock()
+_library: ctypes.CDLL | None = None
 _failure: str | None = None
+_installed = False  # the library's kernels are registered with the dispatcher
 _enabled = os.environ.get("BNLAB_KERNELS", "1").lower() not in ("0", "false", "no", "off")
 
 
-def _load() -> dict[str, abi.Kernel] | None:
-    global _kernels, _failure
-    if _kernels is not None or _failure is not None:
-        return _kernels
+def _load() -> ctypes.CDLL | None:
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
     with _lock:
-        if _kernels is not None or _failure is not None:
-            return _kernels
+        if _library is not None or _failure is not None:
+            return _library
         try:
             cxx = build.compiler()
             if cxx is None:
                 raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
             library = ctypes.CDLL(str(build.library(cxx)))
-            if library.bn_abi_version() != abi.VERSION:
-                raise RuntimeError(f"kernel library of another ABI version; delete {build.cache_dir()}")
-            _kernels = {name: abi.Kernel(library, name) for name in abi.SIGNATURES}
+            library.bnlab_register.restype = ctypes.c_int
+            _library = library
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _failure = str(err)
             warnings.warn(
@@ -61,7 +62,35 @@ def _load() -> dict[str, abi.Kernel] | None:
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return _kernels
+    return _library
+
+
+def _register(on: bool) -> None:
+    """Add the library's kernels to the dispatcher, or remove them."""
+    global _installed
+    if on == _installed:
+        return
+    if on:
+        if _library.bnlab_register() != 0:
+            raise RuntimeError("bnlab: the compiled kernels could not be registered with PyTorch's dispatcher")
+    else:
+        _library.bnlab_deregister()
+    _installed = on
+
+
+def install() -> bool:
+    """Register the kernels if they are enabled and not registered yet (building them first if needed).
+
+    True if this call registered them: the caller (``bnlab.nn.ops``'s tensor-op implementation, on a
+    CPU call) then calls the operator again, and the kernels serve it.
+    """
+    if _installed or not _enabled:
+        return False
+    with _lock:
+        if _installed or not _enabled or _load() is None:
+            return False
+        _register(True)
+        return True
 
 
 def available() -> bool:
@@ -82,73 +111,16 @@ def status() -> str:
 def use_kernels(enabled: bool) -> Iterator[None]:
     """Turn the compiled kernels on or off inside a ``with`` block."""
     global _enabled
-    previous, _enabled = _enabled, enabled
+    with _lock:
+        previous, _enabled = _enabled, enabled
+        if not enabled:
+            _register(False)
     try:
         yield
     finally:
-        _enabled = previous
-
-
-def layout(x: Tensor) -> Layout | None:
-    """How x is stored, if the kernels can take it (float32/float64 on the CPU); None otherwise."""
-    if x.device.type != "cpu" or x.dtype not in abi.DTYPES or x.dim() < 2:
-        return None
-    if x.is_contiguous():
-        return Layout.NCS
-    if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
-        x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
-        return Layout.NSC
-    return None
-
-
-def usable(x: Tensor, *per_feature: Tensor | None) -> bool:
-    """Whether the kernels can take x and the per-feature tensors beside it (same dtype, contiguous)."""
-    if not _enabled or type(x) is not Tensor or layout(x) is None or (_kernels is None and _load() is None):
-        return False
-    dtype = x.dtype
-    for t in per_feature:  # a plain loop: this runs per layer per step
-        if t is not None and (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()):
-            return False
-    return True
-
-
-def _shape(x: Tensor) -> dict[str, int]:
-    n, c = x.shape[0], x.shape[1]
-    return {"n": n, "c": c, "s": x.numel() // (n * c), "layout": layout(x), "threads": torch.get_num_threads()}
-
-
-def forward_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool
-) -> tuple[Tensor, Tensor]:
-    """(y, stats): batch-normalized x and the float64 (3, C) [mean, biased var, invstd] it used."""
-    y = torch.empty_like(x)
-    stats = torch.empty(3, x.shape[1], dtype=torch.float64)
-    _kernels["bn_forward_train"](
-        x.dtype, x=x, weight=weight, bias=bias, stats=stats, y=y, eps=eps, relu=relu, **_shape(x)
-    )
-    return y, stats
-
-
-def normalize(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor, relu: bool
-) -> Tensor:
-    """(x - mean) * invstd * weight + bias, ReLU'd if asked; mean and invstd contiguous float64 (C,)."""
-    y = torch.empty_like(x)
-    _kernels["bn_normalize"](
-        x.dtype, x=x, weight=weight, bias=bias, mean=mean, invstd=invstd, y=y, relu=relu, **_shape(x)
-    )
-    return y
-
-
-def backward(
-    x: Tensor, weight: Tensor | None, stats: Tensor, dy: Tensor, y: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias) for ``forward_train``'s stats; dy must have x's layout; y masks dy (fused ReLU)."""
-    dx = torch.empty_like(x)
-    dweight = torch.empty(x.shape[1], dtype=x.dtype)
-    dbias = torch.empty(x.shape[1], dtype=x.dtype)
-    _kernels["bn_backward"](
-        x.dtype, x=x, weight=weight, stats=stats, dy=dy, y=y, dx=dx, dweight=dweight, dbias=dbias, **_shape(x)
-    )
-    return dx, dweight, dbias
+        with _lock:
+            _enabled = previous
+            if not previous:
+                _register(False)
+            elif _library is not None:
+                _register(True)

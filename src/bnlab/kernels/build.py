@@ -1,8 +1,10 @@
-"""Compile ``batch_norm.cpp`` once per machine, cache the library, and verify it before loading it.
+"""Compile ``operators.cpp`` (with ``batch_norm.h``) once per machine, cache the library, verify it before loading.
 
-The library lands in ``$XDG_CACHE_HOME/bnlab/kernels/`` (default ``~/.cache/bnlab/kernels``) as
-``batch_norm-KEY-SHA.so``. KEY hashes what decides the build (source, ABI header, flags, compiler,
-CPU), so a changed source or another machine builds anew. SHA is the first 16 hex digits of the
+The library is C++ against PyTorch's headers and libraries (``torch/include``, ``torch/lib``); it
+takes about 40 seconds to build, once. It lands in ``$XDG_CACHE_HOME/bnlab/kernels/`` (default
+``~/.cache/bnlab/kernels``) as ``operators-KEY-SHA.so``. KEY hashes what decides the build
+(sources, flags, compiler, PyTorch version, CPU), so a changed source, another PyTorch or another
+machine builds anew. SHA is the first 16 hex digits of the
 file's own SHA-256, checked before every load: a truncated or overwritten library (which would crash
 the process with SIGBUS when loaded) is deleted and rebuilt, with a warning, instead of loaded.
 Files are written under a temporary name and renamed into place, so concurrent builders each
@@ -20,11 +22,25 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from bnlab.kernels import abi
+import torch
 
-SOURCE = Path(__file__).with_name("batch_norm.cpp")
+SOURCE = Path(__file__).with_name("operators.cpp")
+HEADER = Path(__file__).with_name("batch_norm.h")
 # -fno-trapping-math lets masked (ReLU) loops vectorize as blends; bnlab never reads FP exception flags.
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+# -w: PyTorch's headers warn by the hundred under some compilers; the sources are kept warning-free.
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w"]
+
+
+def torch_flags() -> list[str]:
+    """Compile and link flags for PyTorch's C++ API, from the installed torch package."""
+    root = Path(torch.__file__).parent
+    return [
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-I{root / 'include'}",
+        f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+        f"-L{root / 'lib'}",
+        f"-Wl,-rpath,{root / 'lib'}",
+    ]
 
 
 def compiler() -> str | None:
@@ -52,32 +68,36 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def key(cxx: str) -> str:
+    """What decides the build, hashed: sources, flags, compiler, PyTorch, platform and CPU."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    ingredients = [SOURCE.read_text(), HEADER.read_text(), " ".join(FLAGS + torch_flags()), version, torch.__version__]
+    return hashlib.sha256("\n".join([*ingredients, platform.platform(), _cpu_signature()]).encode()).hexdigest()[:16]
+
+
 def library(cxx: str) -> Path:
     """A verified library for this source, compiler and CPU, compiling it first if needed."""
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    ingredients = [SOURCE.read_text(), abi.header(), " ".join(FLAGS), version, platform.platform(), _cpu_signature()]
-    key = hashlib.sha256("\n".join(ingredients).encode()).hexdigest()[:16]
+    build_key = key(cxx)
     directory = cache_dir()
-    for candidate in sorted(directory.glob(f"batch_norm-{key}-*.so")):
+    for candidate in sorted(directory.glob(f"operators-{build_key}-*.so")):
         if _digest(candidate) == candidate.stem.rsplit("-", 1)[-1]:
             return candidate
         warnings.warn(f"bnlab: damaged kernel library {candidate} (checksum mismatch); rebuilding it", stacklevel=2)
         candidate.unlink(missing_ok=True)
-    return _compile(cxx, directory, key)
+    return _compile(cxx, directory, build_key)
 
 
 def _compile(cxx: str, directory: Path, key: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
-        (Path(tmp) / "bnlab_abi.h").write_text(abi.header())
-        output = Path(tmp) / "batch_norm.so"
+        output = Path(tmp) / "operators.so"
         errors = []
         # Without OpenMP (e.g. Apple clang) the pragmas are ignored: one thread, still one pass fewer.
         for flags in (FLAGS, [f for f in FLAGS if f != "-fopenmp"]):
-            command = [cxx, *flags, f"-I{tmp}", str(SOURCE), "-o", str(output)]
+            command = [cxx, *flags, *torch_flags(), str(SOURCE), "-o", str(output), "-lc10", "-ltorch_cpu"]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode == 0:
-                target = directory / f"batch_norm-{key}-{_digest(output)}.so"
+                target = directory / f"operators-{key}-{_digest(output)}.so"
                 os.replace(output, target)  # atomic: a reader sees no library or a whole one
                 return target
             errors.append(result.stderr.strip()[-300:])

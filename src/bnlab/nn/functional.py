@@ -1,4 +1,4 @@
-"""``batch_norm``, the functional form every bnlab layer calls: it picks the operator and keeps the running statistics.
+"""``batch_norm``, the functional form every bnlab layer calls: it picks the operator that keeps the running statistics.
 
 In training (or without running statistics) the batch statistics normalize x, through
 ``bnlab::batch_norm_train`` or, given a ``process_group`` of several processes, the synchronized
@@ -95,8 +95,9 @@ def local_batch_norm(
             return _observer(x, running_mean, running_var, weight, bias, eps, unbiased_running_var, relu)
     if not training and running_mean is not None and running_var is not None:
         return torch.ops.bnlab.batch_norm_eval(x, weight, bias, running_mean, running_var, eps, relu)
-    y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, eps, relu)
-    if training and running_mean is not None and running_var is not None:
-        count = statistics.values_per_feature(x)
-        statistics.running_update(running_mean, running_var, stats, count, momentum, unbiased_running_var)
+    update = training and running_mean is not None and running_var is not None
+    y, _ = torch.ops.bnlab.batch_norm_train(
+        x, weight, bias, running_mean if update else None, running_var if update else None, momentum, eps,
+        unbiased_running_var, relu,
+    )  # fmt: skip
     return y

@@ -2,27 +2,29 @@
 
 Three operators in the ``bnlab`` namespace, defined with ``torch.library``::
 
-    bnlab::batch_norm_train(x, weight?, bias?, eps, relu) -> (y, stats)        batch statistics
+    bnlab::batch_norm_train(x, weight?, bias?, running_mean(a!)?, running_var(b!)?, momentum, eps, unbiased, relu)
+        -> (y, stats)                                         batch statistics; running ones follow them
     bnlab::batch_norm_backward(x, weight?, stats, dy, y?) -> (dx, dweight, dbias)
     bnlab::batch_norm_eval(x, weight?, bias?, mean, var, eps, relu) -> y         population statistics
 
 ``stats`` is float64 (3, C) [mean, biased var, invstd]; ``y`` in backward masks dy under a fused
-ReLU. Each has a fake (meta) implementation, so torch.compile, torch.export and FakeTensor
-tracing know output shapes without running it, and a registered autograd formula (the closed
-form; for ``batch_norm_train`` under ``create_graph`` it differentiates ``naive_batch_norm`` instead,
-so higher derivatives are exact). The implementations are the compiled kernels where they apply
-(float32/float64 CPU tensors, contiguous or channels_last) and the tensor ops of
-``statistics.py`` everywhere else (CUDA, half precision, no compiler).
+ReLU. Like ``aten::native_batch_norm``, the training operator updates the running statistics it is
+given (``running <- (1 - momentum) * running + momentum * batch``, the variance times M / (M - 1)
+if ``unbiased``), declared in its schema, so export and compile functionalize the update and
+tracing records it.
 
-The operators are functional: updating the running statistics is left to ordinary in-place tensor
-ops in ``functional.py``, which every tracer records. (An operator that mutated its inputs could not
-have an autograd formula registered.)
+Each operator has a fake (meta) implementation, so torch.compile, torch.export and FakeTensor
+tracing know output shapes without running it; a tensor-op implementation (``statistics.py``) for
+every device; and an autograd kernel: the closed form, or under ``create_graph`` the gradients of
+``naive_batch_norm`` (``batch_norm_train_backward_differentiable``), so higher derivatives are
+exact. For CPU tensors the compiled library (``bnlab.kernels``: ``operators.cpp``) registers C++
+CPU and AutogradCPU kernels over these, with the same formulas through the same operators; it is
+installed by the first CPU call.
 
-Why operators and not a plain ``autograd.Function`` calling ctypes: a ctypes call is invisible to
-PyTorch, so ``torch.jit.trace`` recorded an uninitialised output (silently wrong numbers) and
-``torch.export`` could not run it on fake tensors. Through the dispatcher, tracing records
-``bnlab::batch_norm_*``, export and compile see one opaque node with known shapes, and the ctypes
-call only ever receives real tensors.
+Why operators and not an ``autograd.Function`` calling the kernels: a call PyTorch cannot see made
+``torch.jit.trace`` record an uninitialised output (silently wrong numbers) and ``torch.export``
+fail on fake tensors. Why the CPU path in C++: the dispatcher's Python kernels, an autograd.Function
+and ctypes cost about twice the whole layer's time at the seed network's smallest shapes.
 """
 
 from __future__ import annotations
@@ -34,17 +36,33 @@ from bnlab import kernels
 from bnlab.nn import statistics
 
 _library = torch.library.Library("bnlab", "DEF")
-_library.define("batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps, bool relu) -> (Tensor, Tensor)")
+_library.define(
+    "batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+    "float momentum, float eps, bool unbiased, bool relu) -> (Tensor, Tensor)"
+)
 _library.define(
     "batch_norm_backward(Tensor x, Tensor? weight, Tensor stats, Tensor dy, Tensor? y) -> (Tensor, Tensor, Tensor)"
 )
 _library.define(
     "batch_norm_eval(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps, bool relu) -> Tensor"
 )
+# The gradients the autograd kernels (Python here, C++ in operators.cpp) use when they will be
+# differentiated again; tensor ops all through, so autograd records them. An absent weight or bias,
+# or a gradient not asked for, comes back as an empty tensor.
+_library.define(
+    "batch_norm_train_backward_differentiable(Tensor x, Tensor? weight, Tensor? bias, Tensor dy, float eps, "
+    "bool relu) -> (Tensor, Tensor, Tensor)"
+)
+_library.define(
+    "batch_norm_eval_backward(Tensor x, Tensor? weight, Tensor mean, Tensor var, Tensor dy, Tensor? y, float eps, "
+    "bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
+)
 
 batch_norm_train = torch.ops.bnlab.batch_norm_train.default
 batch_norm_backward = torch.ops.bnlab.batch_norm_backward.default
 batch_norm_eval = torch.ops.bnlab.batch_norm_eval.default
+batch_norm_train_backward_differentiable = torch.ops.bnlab.batch_norm_train_backward_differentiable.default
+batch_norm_eval_backward = torch.ops.bnlab.batch_norm_eval_backward.default
 
 
 def check_shapes(x: Tensor, **per_feature: Tensor | None) -> None:
@@ -69,51 +87,102 @@ def check_values_per_feature(x: Tensor) -> None:
         )
 
 
-# ---- implementations (real tensors) ----
+# ---- tensor-op implementations (real tensors) ----
 
 
-def _train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool) -> tuple[Tensor, Tensor]:
-    check_shapes(x, weight=weight, bias=bias)
+def _train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    unbiased: bool,
+    relu: bool,
+) -> tuple[Tensor, Tensor]:
+    if x.device.type == "cpu" and kernels.install():  # the first CPU call: the compiled kernels take over
+        return batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, unbiased, relu)
+    check_shapes(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     check_values_per_feature(x)
-    if kernels.usable(x, weight, bias):
-        return kernels.forward_train(x, weight, bias, eps, relu)
-    return statistics.forward_train(x, weight, bias, eps, relu)
+    y, stats = statistics.forward_train(x, weight, bias, eps, relu)
+    statistics.running_update(running_mean, running_var, stats, statistics.values_per_feature(x), momentum, unbiased)
+    return y, stats
 
 
 def _backward(
     x: Tensor, weight: Tensor | None, stats: Tensor, dy: Tensor, y: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if x.device.type == "cpu" and kernels.install():
+        return batch_norm_backward(x, weight, stats, dy, y)
     check_shapes(x, weight=weight)
     if stats.shape != (3, x.shape[1]) or dy.shape != x.shape or (y is not None and y.shape != x.shape):
         raise ValueError(f"bnlab::batch_norm_backward: stats, dy or y do not match x of shape {list(x.shape)}")
-    if kernels.usable(x, weight) and dy.dtype == x.dtype:
-        if dy.stride() != x.stride():  # the kernels walk x, dy and y together
-            dy = torch.empty_like(x).copy_(dy)
-        return kernels.backward(x, weight, stats, dy, y)
     return statistics.backward(x, weight, stats, dy, y)
 
 
 def _eval(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float, relu: bool
 ) -> Tensor:
+    if x.device.type == "cpu" and kernels.install():
+        return batch_norm_eval(x, weight, bias, mean, var, eps, relu)
     check_shapes(x, weight=weight, bias=bias, running_mean=mean, running_var=var)
-    invstd = torch.rsqrt(var.double() + eps)
-    if kernels.usable(x, weight, bias):
-        return kernels.normalize(x, weight, bias, mean.double().contiguous(), invstd, relu)
-    return statistics.normalize(x, weight, bias, mean.double(), invstd, relu)
+    return statistics.normalize(x, weight, bias, mean.double(), torch.rsqrt(var.double() + eps), relu)
+
+
+def _train_backward_differentiable(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, dy: Tensor, eps: float, relu: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``naive_batch_norm``, built with create_graph so they can be differentiated again."""
+    # saved tensors that require grad stay connected to the graph: second derivatives reach the inputs
+    inputs = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in (x, weight, bias)]
+    with torch.enable_grad():
+        y = statistics.naive_batch_norm(*inputs, eps=eps, relu=relu)
+    present = [t for t in inputs if t is not None]
+    grads = iter(torch.autograd.grad(y, present, dy, create_graph=True))
+    dx, dweight, dbias = (x.new_empty(0) if t is None else next(grads) for t in inputs)
+    return dx, dweight, dbias
+
+
+def _eval_backward(
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    dy: Tensor,
+    y: Tensor | None,
+    eps: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = (x - mean) * scale + bias is affine in x: its gradients are tensor ops, differentiable again."""
+    acc = statistics.compute_dtype(x)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    dz = (dy if y is None else torch.where(y > 0, dy, 0)).to(acc)
+    dx = dweight = dbias = x.new_empty(0)
+    if output_mask[0]:
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        dx = (dz * statistics.per_feature(scale, x)).to(x.dtype)
+    if output_mask[1]:
+        xhat = (x.to(acc) - statistics.per_feature(mean.to(acc), x)) * statistics.per_feature(invstd, x)
+        dweight = (dz * xhat).sum(statistics.reduce_dims(x)).to(x.dtype)
+    if output_mask[2]:
+        dbias = dz.sum(statistics.reduce_dims(x)).to(x.dtype)
+    return dx, dweight, dbias
 
 
 _library.impl("batch_norm_train", _train, "CompositeExplicitAutograd")
 _library.impl("batch_norm_backward", _backward, "CompositeExplicitAutograd")
 _library.impl("batch_norm_eval", _eval, "CompositeExplicitAutograd")
+_library.impl("batch_norm_train_backward_differentiable", _train_backward_differentiable, "CompositeImplicitAutograd")
+_library.impl("batch_norm_eval_backward", _eval_backward, "CompositeImplicitAutograd")
 
 
 # ---- fake implementations: shapes, dtypes and layouts only ----
 
 
 @torch.library.register_fake("bnlab::batch_norm_train")
-def _train_fake(x, weight, bias, eps, relu):
-    check_shapes(x, weight=weight, bias=bias)
+def _train_fake(x, weight, bias, running_mean, running_var, momentum, eps, unbiased, relu):
+    check_shapes(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     check_values_per_feature(x)
     return torch.empty_like(x), x.new_empty((3, x.shape[1]), dtype=torch.float64)
 
@@ -131,17 +200,18 @@ def _eval_fake(x, weight, bias, mean, var, eps, relu):
 
 # ---- autograd ----
 #
-# Each operator's Autograd kernel is an autograd.Function whose forward redispatches below autograd,
-# to whatever comes next for these tensors (the implementations above, a FakeTensor's fake one, a
-# tracer's proxy). Written here rather than with torch.library.register_autograd, whose generic
-# wrapper costs about as much per call as the whole seed-network BN layer at its smallest shapes.
+# Each forward operator's Autograd kernel is an autograd.Function whose forward redispatches below
+# autograd, to whatever comes next for these tensors (the implementations above, a FakeTensor's fake
+# one, a tracer's proxy). Written here rather than with torch.library.register_autograd, whose
+# generic wrapper costs per call about what the whole layer does at the seed network's smallest
+# shapes. operators.cpp holds the C++ twin of these two classes, for CPU tensors.
 
 
 def _autograd_kernel(op: torch._ops.OpOverload, function: type[torch.autograd.Function]):
     below = torch._C._after_autograd_keyset
 
     def kernel(keyset: torch._C.DispatchKeySet, *args):
-        if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args[:3]):
             return function.apply(keyset & below, *args)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & below, *args)
@@ -151,9 +221,11 @@ def _autograd_kernel(op: torch._ops.OpOverload, function: type[torch.autograd.Fu
 
 class _Train(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, keyset, x, weight, bias, eps, relu):  # type: ignore[override]
+    def forward(ctx, keyset, x, weight, bias, running_mean, running_var, momentum, eps, unbiased, relu):  # type: ignore[override]
         with torch._C._AutoDispatchBelowAutograd():
-            y, stats = batch_norm_train.redispatch(keyset, x, weight, bias, eps, relu)
+            y, stats = batch_norm_train.redispatch(
+                keyset, x, weight, bias, running_mean, running_var, momentum, eps, unbiased, relu
+            )
         ctx.save_for_backward(x, weight, bias, stats, y if relu else None)
         ctx.eps, ctx.relu = eps, relu
         ctx.mark_non_differentiable(stats)
@@ -162,55 +234,29 @@ class _Train(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dstats):  # type: ignore[override]
         x, weight, bias, stats, y = ctx.saved_tensors
-        needs = ctx.needs_input_grad[1:4]
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
-            grads = _differentiable_backward(x, weight, bias, dy, ctx.eps, ctx.relu)
+            grads = batch_norm_train_backward_differentiable(x, weight, bias, dy, ctx.eps, ctx.relu)
         else:
             grads = batch_norm_backward(x, weight, stats, dy, y)
-        return (None, *(g if need else None for g, need in zip(grads, needs, strict=True)), None, None)
-
-
-def _differentiable_backward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, dy: Tensor, eps: float, relu: bool
-) -> list[Tensor | None]:
-    """Gradients of ``naive_batch_norm``, built with create_graph so they can be differentiated again."""
-    # saved tensors that require grad stay connected to the graph: second derivatives reach the inputs
-    inputs = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in (x, weight, bias)]
-    with torch.enable_grad():
-        y = statistics.naive_batch_norm(*inputs, eps=eps, relu=relu)
-    present = [t for t in inputs if t is not None]
-    grads = iter(torch.autograd.grad(y, present, dy, create_graph=True))
-    return [None if t is None else next(grads) for t in inputs]
+        needs = ctx.needs_input_grad[1:4]
+        return (None, *(g if need else None for g, need in zip(grads, needs, strict=True)), *[None] * 6)
 
 
 class _Eval(torch.autograd.Function):
-    """y = (x - mean) * scale + bias is affine in x: its backward is tensor ops, so it differentiates again too."""
-
     @staticmethod
     def forward(ctx, keyset, x, weight, bias, mean, var, eps, relu):  # type: ignore[override]
         with torch._C._AutoDispatchBelowAutograd():
             y = batch_norm_eval.redispatch(keyset, x, weight, bias, mean, var, eps, relu)
         ctx.save_for_backward(x, weight, mean, var, y if relu else None)
-        ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         x, weight, mean, var, y = ctx.saved_tensors
-        acc = statistics.compute_dtype(x)
-        invstd = torch.rsqrt(var.to(acc) + ctx.eps)
-        dz = (dy if y is None else torch.where(y > 0, dy, 0)).to(acc)
-        needs = ctx.needs_input_grad
-        dx = dweight = dbias = None
-        if needs[1]:
-            scale = invstd if weight is None else invstd * weight.to(acc)
-            dx = (dz * statistics.per_feature(scale, x)).to(x.dtype)
-        if needs[2]:
-            xhat = (x.to(acc) - statistics.per_feature(mean.to(acc), x)) * statistics.per_feature(invstd, x)
-            dweight = (dz * xhat).sum(statistics.reduce_dims(x)).to(weight.dtype)
-        if needs[3]:
-            dbias = dz.sum(statistics.reduce_dims(x)).to(ctx.bias_dtype)
-        return None, dx, dweight, dbias, None, None, None, None
+        needs = list(ctx.needs_input_grad[1:4])
+        grads = batch_norm_eval_backward(x, weight, mean, var, dy, y, ctx.eps, needs)
+        return (None, *(g if need else None for g, need in zip(grads, needs, strict=True)), *[None] * 4)
 
 
 _library.impl("batch_norm_train", _autograd_kernel(batch_norm_train, _Train), "Autograd", with_keyset=True)

@@ -134,7 +134,7 @@ class _Observer:
 
     def __call__(self, x, running_mean, running_var, weight, bias, eps, unbiased, relu) -> Tensor:
         """bnlab's batch_norm during the pass: normalize with the batch's statistics, and record those."""
-        y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, eps, relu)
+        y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, None, None, 0.0, eps, True, relu)
         self.record(statistics.values_per_feature(x), stats[0], stats[1], running_mean, running_var)
         return y
 

@@ -161,9 +161,11 @@ def naive_batch_norm(
 
 
 def running_update(
-    running_mean: Tensor, running_var: Tensor, stats: Tensor, count: int, momentum: float, unbiased: bool
+    running_mean: Tensor | None, running_var: Tensor | None, stats: Tensor, count: int, momentum: float, unbiased: bool
 ) -> None:
     """running <- (1 - momentum) * running + momentum * batch; the variance made unbiased (M / (M - 1)) if asked."""
-    running_mean.lerp_(stats[0].to(running_mean.dtype), momentum)
-    var = stats[1] * (count / (count - 1)) if unbiased else stats[1]
-    running_var.lerp_(var.to(running_var.dtype), momentum)
+    if running_mean is not None:
+        running_mean.lerp_(stats[0].to(running_mean.dtype), momentum)
+    if running_var is not None:
+        var = stats[1] * (count / (count - 1)) if unbiased else stats[1]
+        running_var.lerp_(var.to(running_var.dtype), momentum)

@@ -19,31 +19,33 @@
 // value), so a large mean with a small spread loses nothing to cancellation; the mean is kept in
 // double and subtracted as a pair of T (hi + lo), so x - mean is as exact as T allows.
 //
-// Plain C ABI (extern "C", declared in the generated bnlab_abi.h), loaded with ctypes: no PyTorch
-// headers, compiles in about a second.
-// Threads: OpenMP, as many as the caller passes (bnlab passes torch.get_num_threads()); the library
-// links libgomp.so.1, which resolves to the copy PyTorch has already loaded.
+// Plain C++ on raw pointers, no PyTorch types: operators.cpp wraps these in PyTorch operators.
+// Threads: OpenMP, as many as the caller passes (operators.cpp passes at::get_num_threads()); the
+// library links libgomp.so.1, which resolves to the copy PyTorch has already loaded.
+#pragma once
+
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-#include "bnlab_abi.h"
-
 #ifdef _OPENMP
 #include <omp.h>
-static int thread_id() { return omp_get_thread_num(); }
-#else
-static int thread_id() { return 0; }
 #endif
 
-namespace {
+namespace bnlab::kernels {
+
+#ifdef _OPENMP
+inline int thread_id() { return omp_get_thread_num(); }
+#else
+inline int thread_id() { return 0; }
+#endif
 
 constexpr int64_t kGrain = 32768;     // fewer elements per thread than this: not worth a thread
 constexpr int64_t kMinRun = 64;       // NCS runs at least this long are walked per feature
 constexpr int64_t kMaxPeriod = 4096;  // NCS patterns longer than this are walked per feature
 constexpr int64_t kMinRow = 512;      // periodic rows are at least this long
 
-int threads_for(int64_t elements, int requested) {
+inline int threads_for(int64_t elements, int requested) {
   const int64_t useful = elements / kGrain;
   if (requested < 1 || useful < 2) return 1;
   return useful < requested ? static_cast<int>(useful) : requested;
@@ -308,41 +310,33 @@ void backward_dx(const T* x, const T* dy, const T* y, T* dx, const Shape& sh, in
     elementwise<T, false, false>(x, dy, dy, dx, sh, threads, mean, a, b, d);
 }
 
-}  // namespace
+// ---- entry points (operators.cpp); stats = [mean (C), biased var (C), invstd (C)] in double ----
 
-// The C ABI, declared in bnlab_abi.h (generated from kernels/abi.py): the compiler checks every
-// definition below against that declaration. Pointers may be null where a tensor is optional
-// (weight, bias, y, outputs). stats = [mean (C), biased var (C), invstd (C)] in double.
-#define BNLAB_EXPORT(T, SUFFIX)                                                                                 \
-  void bn_normalize_##SUFFIX(const T* x, const T* weight, const T* bias, const double* mean,                  \
-                             const double* invstd, T* y, int64_t n, int64_t c, int64_t s, int layout,         \
-                             int threads, int relu) {                                                         \
-    normalize(x, y, Shape{n, c, s, layout == kNSC}, threads, mean, invstd, weight, bias, relu != 0);         \
-  }                                                                                                           \
-  void bn_forward_train_##SUFFIX(const T* x, const T* weight, const T* bias, double* stats, T* y, int64_t n,   \
-                                 int64_t c, int64_t s, int layout, int threads, double eps, int relu) {       \
-    const Shape sh{n, c, s, layout == kNSC};                                                                  \
-    double *mean = stats, *var = stats + c, *invstd = stats + 2 * c;                                          \
-    moments(x, sh, threads_for(sh.numel(), threads), mean, var);                                              \
-    for (int64_t k = 0; k < c; k++) invstd[k] = 1.0 / std::sqrt(var[k] + eps);                                \
-    normalize(x, y, sh, threads, mean, invstd, weight, bias, relu != 0);                                      \
-  }                                                                                                           \
-  void bn_backward_##SUFFIX(const T* x, const T* weight, const double* stats, const T* dy, const T* y, T* dx,  \
-                            T* dweight, T* dbias, int64_t n, int64_t c, int64_t s, int layout, int threads) { \
-    const Shape sh{n, c, s, layout == kNSC};                                                                  \
-    const double *mean = stats, *invstd = stats + 2 * c;                                                      \
-    std::vector<double> sum_dz(c), sum_dz_xhat(c);                                                            \
-    backward_sums(x, dy, y, sh, threads, mean, invstd, sum_dz.data(), sum_dz_xhat.data());                   \
-    for (int64_t k = 0; k < c; k++) {                                                                         \
-      if (dweight) dweight[k] = static_cast<T>(sum_dz_xhat[k]);                                               \
-      if (dbias) dbias[k] = static_cast<T>(sum_dz[k]);                                                        \
-    }                                                                                                         \
-    if (dx)                                                                                                   \
-      backward_dx(x, dy, y, dx, sh, threads, mean, invstd, weight, sum_dz.data(), sum_dz_xhat.data(),        \
-                  static_cast<double>(n * s));                                                                \
+// Batch statistics into stats, then y as normalize with them.
+template <typename T>
+void forward_train(const T* x, const T* weight, const T* bias, double* stats, T* y, const Shape& sh, int threads,
+                   double eps, bool relu) {
+  double *mean = stats, *var = stats + sh.C, *invstd = stats + 2 * sh.C;
+  moments(x, sh, threads_for(sh.numel(), threads), mean, var);
+  for (int64_t c = 0; c < sh.C; c++) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+  normalize(x, y, sh, threads, mean, invstd, weight, bias, relu);
+}
+
+// dz = dy (masked by y > 0 when y is given); dweight = sum(dz * xhat), dbias = sum(dz),
+// dx = invstd * weight * (dz - sum(dz) / M - xhat * sum(dz * xhat) / M); a null output is skipped.
+template <typename T>
+void backward(const T* x, const T* weight, const double* stats, const T* dy, const T* y, T* dx, T* dweight,
+              T* dbias, const Shape& sh, int threads) {
+  const double *mean = stats, *invstd = stats + 2 * sh.C;
+  std::vector<double> sum_dz(sh.C), sum_dz_xhat(sh.C);
+  backward_sums(x, dy, y, sh, threads, mean, invstd, sum_dz.data(), sum_dz_xhat.data());
+  for (int64_t c = 0; c < sh.C; c++) {
+    if (dweight) dweight[c] = static_cast<T>(sum_dz_xhat[c]);
+    if (dbias) dbias[c] = static_cast<T>(sum_dz[c]);
   }
+  if (dx)
+    backward_dx(x, dy, y, dx, sh, threads, mean, invstd, weight, sum_dz.data(), sum_dz_xhat.data(),
+                static_cast<double>(sh.N * sh.S));
+}
 
-BNLAB_EXPORT(float, f32)
-BNLAB_EXPORT(double, f64)
-
-int bn_abi_version() { return BNLAB_ABI_VERSION; }
+}  // namespace bnlab::kernels
