@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bnlab import kernels
 from bnlab.data import MNIST, Split, fetch_mnist, load_mnist
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_built():
+    """Build the compiled kernels (once per machine) before any test, so no test's process pays or prints it."""
+    kernels.available()
 
 
 @pytest.fixture(scope="session")

@@ -175,3 +175,20 @@ def test_mixed_dtypes_and_buffers_follow_the_tensor_ops():
     layer = bnlab.BatchNorm1d(3)
     layer.running_mean = layer.running_mean.double()  # a buffer of another dtype: updated in its own
     _same_as_tensor_ops(layer, torch.randn(8, 3, 5))
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["kernels", "tensor-ops"])
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ((torch.ones(4, 3, dtype=torch.long), None), TypeError, "expects a floating-point input"),
+        ((torch.randn(4, 3), torch.ones(4)), ValueError, "got 3 features .* its weight has shape \\[4\\]"),
+        ((torch.randn(1, 3), None), ValueError, "more than one value per feature"),
+        ((torch.randn(4), None), ValueError, "expects input of shape \\(N, C, \\*\\)"),
+    ],
+    ids=["integer", "weight-shape", "batch-of-one", "1d"],
+)
+def test_both_paths_refuse_bad_inputs_alike(on, args, error, message):
+    x, weight = args
+    with kernels.use_kernels(on), pytest.raises(error, match=message):
+        torch.ops.bnlab.batch_norm_train(x, weight, None, None, None, 0.1, 1e-5, True, False)

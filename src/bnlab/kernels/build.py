@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -89,6 +90,8 @@ def library(cxx: str) -> Path:
 
 def _compile(cxx: str, directory: Path, key: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    # a first CPU batch norm otherwise stalls for a minute without a word
+    print("bnlab: compiling the CPU batch-norm kernels for this machine (once, about a minute)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
         output = Path(tmp) / "operators.so"
         errors = []

@@ -66,9 +66,11 @@ batch_norm_eval_backward = torch.ops.bnlab.batch_norm_eval_backward.default
 
 
 def check_shapes(x: Tensor, **per_feature: Tensor | None) -> None:
-    """x is (N, C, *) and every per-feature tensor has C values (the kernels index them by feature)."""
+    """x is floating-point (N, C, *) and every per-feature tensor has C values (operators.cpp: the same checks)."""
     if x.dim() < 2 or x.shape[1] < 1:
         raise ValueError(f"batch norm expects input of shape (N, C, *) with C >= 1, got shape {list(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"batch norm expects a floating-point input, got {x.dtype}")
     for name, t in per_feature.items():
         if t is not None and tuple(t.shape) != (x.shape[1],):
             raise ValueError(
