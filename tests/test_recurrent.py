@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -362,3 +363,16 @@ def test_process_group_reaches_every_training_batch_norm(monkeypatch):
     model.eval()
     model(torch.randn(6, 4, 1))
     assert seen and all(g is None for g in seen)
+
+
+def test_a_copy_shares_the_process_group_and_copies_the_rest():
+    """precise_copy deep-copies a model trained with --nproc; a process group cannot be copied, only shared."""
+    group = threading.Lock()  # stands for a process group: deepcopy of it raises
+    for model in (BNLSTM(1, 3, max_steps=4, process_group=group), bnlab.BatchNorm1d(3, process_group=group)):
+        copied = copy.deepcopy(model)
+        sites = [m for m in copied.modules() if hasattr(m, "process_group") and m.process_group is not None]
+        assert sites and all(m.process_group is group for m in sites)
+        originals = dict(model.named_buffers())
+        for name, buffer in copied.named_buffers():
+            assert buffer.data_ptr() != originals[name].data_ptr()
+            torch.testing.assert_close(buffer, originals[name])

@@ -28,7 +28,7 @@ import torch
 SOURCE = Path(__file__).with_name("operators.cpp")
 HEADER = Path(__file__).with_name("batch_norm.h")
 # -fno-trapping-math lets masked (ReLU) loops vectorize as blends; bnlab never reads FP exception flags.
-# -w: PyTorch's headers warn by the hundred under some compilers; the sources are kept warning-free.
+# -w: PyTorch's headers warn by the hundred under some compilers (C++20 features under older defaults).
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w"]
 
 

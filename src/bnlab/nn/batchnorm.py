@@ -21,6 +21,21 @@ from bnlab.nn import functional
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "is_batch_norm"]
 
 
+def copy_sharing_process_group(module: nn.Module, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy`` of a BN layer: its tensors copied, its ``process_group`` shared.
+
+    A process group cannot be copied (a copy of the model for recalibration or evaluation must
+    still reach the other processes), so the copy joins the same group.
+    """
+    group = getattr(module, "process_group", None)
+    if group is not None:
+        memo[id(group)] = group
+    copied = type(module).__new__(type(module))
+    memo[id(module)] = copied
+    copied.__dict__.update({key: copy.deepcopy(value, memo) for key, value in module.__dict__.items()})
+    return copied
+
+
 class _BatchNorm(nn.Module):
     """Shared by BatchNorm1d/2d/3d; same constructor, attributes and state_dict as PyTorch's.
 
@@ -132,13 +147,7 @@ class _BatchNorm(nn.Module):
         )  # fmt: skip
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _BatchNorm:
-        """A copy whose tensors are copies, in the same process group (a group cannot be copied, only shared)."""
-        if self.process_group is not None:
-            memo[id(self.process_group)] = self.process_group
-        copied = type(self).__new__(type(self))
-        memo[id(self)] = copied
-        copied.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
-        return copied
+        return copy_sharing_process_group(self, memo)
 
     def __prepare_scriptable__(self) -> _BatchNorm:
         if self.process_group is not None:

@@ -38,6 +38,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from bnlab.errors import UsageError
 from bnlab.nn import batch_norm
+from bnlab.nn.batchnorm import copy_sharing_process_group
 
 __all__ = ["BNLSTM", "BNLSTMCell", "SequenceBatchNorm"]
 
@@ -103,6 +104,9 @@ class SequenceBatchNorm(nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SequenceBatchNorm:
+        return copy_sharing_process_group(self, memo)
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
