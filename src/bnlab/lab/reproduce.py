@@ -26,7 +26,7 @@ from bnlab.config import BN_MODES, TrainConfig
 from bnlab.data import MNIST, load_mnist
 from bnlab.errors import UsageError
 from bnlab.fileio import atomic_write_bytes, write_json
-from bnlab.training import RunResult, load_run, resolve_device, train
+from bnlab.training import RunResult, resolve_device, train_or_reuse
 
 
 @dataclass(frozen=True)
@@ -105,17 +105,12 @@ def reproduce(
             done += 1
             config = TrainConfig(bn=bn, seed=seed)
             run_dir = out / f"seed{seed}" / bn
-            previous = load_run(run_dir, config) if reuse else None
-            if previous is not None:
-                log(f"[{done}/{total}] {LABELS[bn]}, seed {seed}: reusing the finished run in {run_dir}")
-                results[bn].append(previous)
-                continue
             log(f"[{done}/{total}] {LABELS[bn]}, seed {seed}")
-            # replace: an interrupted or outdated run there is redone from the start
-            result = train(
-                config, data, run_dir=run_dir, replace=True, device=torch_device, log=log, progress=progress, fast=fast
+            # an interrupted or outdated run in run_dir is redone from the start
+            result, fresh = train_or_reuse(
+                config, data, run_dir, reuse=reuse, device=torch_device, log=log, progress=progress, fast=fast
             )
-            log(f"    wall time {result.wall_seconds:.1f} s")
+            log(f"    wall time {result.wall_seconds:.1f} s" if fresh else f"    reusing the finished run in {run_dir}")
             results[bn].append(result)
     outcome = ReproduceResult(results, out)
     write_reproduce_report(outcome)

@@ -9,7 +9,7 @@ runner.py    train(): a config's run, from building the network to its summary
 from bnlab.config import TrainConfig
 from bnlab.training.evaluate import evaluate, loss_fn, one_at_a_time_accuracy
 from bnlab.training.loop import Hook, LoopState, fit, make_optimizer
-from bnlab.training.runner import RunResult, load_run, resolve_device, train
+from bnlab.training.runner import RunResult, load_run, resolve_device, train, train_or_reuse
 from bnlab.training.store import Checkpoint, RunDir, load_model
 
 __all__ = [
@@ -28,4 +28,5 @@ __all__ = [
     "one_at_a_time_accuracy",
     "resolve_device",
     "train",
+    "train_or_reuse",
 ]
