@@ -121,8 +121,8 @@ void on_type(at::ScalarType type, F&& f) {
 
 Tensor in_type(const Tensor& t, at::ScalarType type) { return t.scalar_type() == type ? t : t.to(type); }
 
-// running <- lerp(running, factor * batch, momentum), computed as torch.Tensor.lerp_ computes it in
-// the buffer's dtype, so that the kernels and the tensor ops (statistics.running_update) agree bit for bit.
+// running <- lerp(running, factor * batch, momentum) in the buffer's dtype, with torch.Tensor.lerp_'s
+// formula (statistics.running_update's): the two paths differ only as their statistics do, by rounding.
 template <typename R>
 void lerp_into(R* running, const double* batch, double factor, double momentum, int64_t C) {
   const R w = static_cast<R>(momentum);
