@@ -132,18 +132,19 @@ void lerp_into(R* running, const double* batch, double factor, double momentum, 
   }
 }
 
-void follow(const OptionalTensor& running, const double* batch, const Tensor& batch_row, double factor,
-            double momentum) {
+// running follows row `row` of stats (0: mean, 1: biased var), times factor.
+void follow(const OptionalTensor& running, const Tensor& stats, int64_t row, double factor, double momentum) {
   if (!running || !running->defined()) return;
   const Tensor& r = *running;
   if (r.is_contiguous() && (r.scalar_type() == at::kFloat || r.scalar_type() == at::kDouble)) {
+    const double* batch = stats.const_data_ptr<double>() + row * stats.size(1);
     on_type(r.scalar_type(), [&](auto zero) {
       using R = decltype(zero);
       lerp_into<R>(r.mutable_data_ptr<R>(), batch, factor, momentum, r.numel());
     });
     torch::autograd::impl::bump_version(r);
   } else {  // a strided view or a half-precision buffer: tensor ops
-    r.lerp_(batch_row.mul(factor).to(r.scalar_type()), momentum);
+    r.lerp_(stats[row].mul(factor).to(r.scalar_type()), momentum);
   }
 }
 
@@ -169,9 +170,8 @@ std::tuple<Tensor, Tensor> train_cpu(const Tensor& input, const OptionalTensor& 
                         eps, relu);
   });
   const double count = static_cast<double>(sh.N * sh.S);
-  const double* moments = stats.const_data_ptr<double>();
-  follow(running_mean, moments, stats[0], 1.0, momentum);
-  follow(running_var, moments + sh.C, stats[1], unbiased ? count / (count - 1) : 1.0, momentum);
+  follow(running_mean, stats, 0, 1.0, momentum);
+  follow(running_var, stats, 1, unbiased ? count / (count - 1) : 1.0, momentum);
   return {in_type(y, input.scalar_type()), stats};
 }
 
@@ -262,8 +262,8 @@ OptionalTensor optional(const Tensor& t) { return t.defined() ? OptionalTensor(t
 
 // Which of x, weight, bias need a gradient: needs_input_grad counts only the inputs that are tensors,
 // so an absent weight shifts the bias's index.
-std::array<bool, 3> wanted(AutogradContext* ctx, const Tensor& weight, const Tensor& bias) {
-  const bool present[3] = {true, weight.defined(), bias.defined()};
+std::array<bool, 3> wanted(AutogradContext* ctx, bool has_weight, bool has_bias) {
+  const bool present[3] = {true, has_weight, has_bias};
   std::array<bool, 3> needs{};
   for (int i = 0, edge = 0; i < 3; i++) needs[i] = present[i] && ctx->needs_input_grad(edge++);
   return needs;
@@ -299,7 +299,7 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
             ? differentiable.call(x, optional(weight), optional(bias), grads[0], ctx->saved_data["eps"].toDouble(),
                                   ctx->saved_data["relu"].toBool())
             : closed_form.call(x, optional(weight), stats, grads[0], optional(y));
-    const auto needs = wanted(ctx, weight, bias);
+    const auto needs = wanted(ctx, weight.defined(), bias.defined());
     return {needs[0] ? dx : Tensor(), needs[1] ? dweight : Tensor(), needs[2] ? dbias : Tensor(), Tensor(), Tensor(),
             Tensor(), Tensor(), Tensor(), Tensor()};
   }
@@ -320,7 +320,7 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto eval_backward = find<EvalBackwardSignature>("bnlab::batch_norm_eval_backward");
     const auto saved = ctx->get_saved_variables();
-    const auto needs = wanted(ctx, saved[1], ctx->saved_data["bias"].toBool() ? saved[0] : Tensor());
+    const auto needs = wanted(ctx, saved[1].defined(), ctx->saved_data["bias"].toBool());
     const bool mask[3] = {needs[0], needs[1], needs[2]};
     auto [dx, dweight, dbias] = eval_backward.call(saved[0], optional(saved[1]), saved[2], saved[3], grads[0],
                                                    optional(saved[4]), ctx->saved_data["eps"].toDouble(), mask);
