@@ -57,13 +57,19 @@ x = torch.rand(args.steps, args.batch, 1)  # pixel intensities, time-major
 readout = torch.randn(args.hidden, 10) / args.hidden**0.5
 default = recurrent._CHUNK_BYTES
 chunk = recurrent._chunk_steps(args.batch, 4 * args.hidden, x.element_size())
+
+
+def bnlstm(bn: bool = True) -> BNLSTM:
+    return BNLSTM(1, args.hidden, max_steps=args.steps, bn=bn, h0_noise_std=0.1)
+
+
 setups = {
     "nn.LSTM": (nn.LSTM(1, args.hidden), default),
-    "BNLSTM(bn=False)": (BNLSTM(1, args.hidden, args.steps, bn=False, h0_noise_std=0.1), default),
-    "BNLSTM(bn=True)": (BNLSTM(1, args.hidden, args.steps, h0_noise_std=0.1), default),
-    "BNLSTM(bn=False), input path at once": (BNLSTM(1, args.hidden, args.steps, bn=False, h0_noise_std=0.1), WHOLE),
-    "BNLSTM(bn=True), input path at once": (BNLSTM(1, args.hidden, args.steps, h0_noise_std=0.1), WHOLE),
-    "BNLSTM(bn=True), input path per step": (BNLSTM(1, args.hidden, args.steps, h0_noise_std=0.1), STEP),
+    "BNLSTM(bn=False)": (bnlstm(bn=False), default),
+    "BNLSTM(bn=True)": (bnlstm(), default),
+    "BNLSTM(bn=False), input path at once": (bnlstm(bn=False), WHOLE),
+    "BNLSTM(bn=True), input path at once": (bnlstm(), WHOLE),
+    "BNLSTM(bn=True), input path per step": (bnlstm(), STEP),
 }
 runs = {name: training_step(model, x, readout, chunk_bytes) for name, (model, chunk_bytes) in setups.items()}
 for run in runs.values():  # warm-up: allocator, kernels, first-call costs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import pytest
@@ -124,8 +125,155 @@ def test_recurrent_statistics_per_step_and_beyond_the_table():
 def test_models_without_data_or_with_bad_sizes_are_refused():
     with pytest.raises(UsageError, match="no batch"):
         bnlab.recalibrate(_net(), [])
-    with pytest.raises(UsageError, match="at least 2"):
-        bnlab.recalibrate(_net(), _inputs(), samples=1)
+    for bad in (1, 2.5, math.nan, math.inf, True, "64"):
+        with pytest.raises(UsageError, match="samples must be a whole number of at least 2"):
+            bnlab.recalibrate(_net(), _inputs(), samples=bad)
+    with pytest.raises(UsageError, match="batch_size must be a whole number of at least 2"):
+        bnlab.recalibrate(_net(), _inputs(), batch_size=1)
+
+
+# --- The data forms (bnlab.nn.data_forms): every form, each kind of model, against a full-batch computation ---
+
+
+def _one_hot(n: int) -> torch.Tensor:
+    return nn.functional.one_hot(torch.arange(n) % 10, 10).float()
+
+
+class _Masked(nn.Module):
+    """A model that takes (inputs, mask): padded positions are zeroed before its BN (the mask marks the valid ones)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3), bnlab.BatchNorm2d(4)
+        self.masks_seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.masks_seen.append(mask)
+        return self.bn(self.conv(x * mask.view(-1, 1, 1, 1)))
+
+
+FORMS = {
+    "tensor": lambda x: x,
+    "tuple with class labels": lambda x: (x, torch.arange(len(x)) % 10),
+    "tuple with one-hot labels": lambda x: (x, _one_hot(len(x))),
+    "split": lambda x: bnlab.Split(x, torch.arange(len(x)) % 10),
+    "list of tensors": lambda x: list(x.split(32)),
+    "list of tuples": lambda x: list(zip(x.split(32), _one_hot(len(x)).split(32), strict=True)),
+    "dataloader (lists)": lambda x: torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, _one_hot(len(x))), 32
+    ),
+    "generator": lambda x: (chunk for chunk in x.split(32)),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("bn_layer", [bnlab.BatchNorm2d, nn.BatchNorm2d], ids=["bnlab", "torch"])
+def test_every_form_gives_the_full_batch_statistics(form, bn_layer):
+    x = _inputs()
+    model = _net(bn_layer).eval()
+    with torch.no_grad():
+        first, second = _layer_inputs(model, x, 32)
+    done = bnlab.recalibrate(model, FORMS[form](x), batch_size=32)
+    assert (done.samples, done.batches, done.batch_dim) == (96, 3, 0), done
+    for layer, values, dims in ((model[1], first, (0, 2, 3)), (model[6], second, (0,))):
+        torch.testing.assert_close(layer.running_mean, values.mean(dims), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.running_var, values.var(dims, correction=1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple with one-hot labels", "list of tuples", "dataloader (lists)"])
+def test_the_budget_counts_samples_whatever_the_form(form):
+    """One-hot labels once made a pair look like two batches: all of x was one batch, then labels went in."""
+    model = _net().eval()
+    done = bnlab.recalibrate(model, FORMS[form](_inputs()), samples=40, batch_size=32)
+    expected = (32, 1) if form in ("tensor", "tuple with one-hot labels") else (40, 2)  # whole batches from a tensor
+    assert (done.samples, done.batches) == expected
+
+
+def test_an_mlp_pair_with_one_hot_labels_is_a_pair():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 6), bnlab.BatchNorm1d(6)).eval()
+    x = torch.randn(64, 10) * 2 + 1  # as wide as the one-hot labels: a list of the two would not be told apart
+    done = bnlab.recalibrate(model, (x, _one_hot(64)), batch_size=32)
+    assert (done.samples, done.batches, done.form) == (64, 2, "a tuple (inputs, labels)")
+    with torch.no_grad():
+        torch.testing.assert_close(model[1].running_mean, model[0](x).mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_mask_and_labels_call_the_model_with_its_mask():
+    model = _Masked().eval()
+    x, mask = _inputs(64), torch.arange(64) % 4 != 0
+    done = bnlab.recalibrate(model, (x, mask, _one_hot(64)), batch_size=32)
+    assert done.form == "a tuple (inputs, mask, labels)" and [len(m) for m in model.masks_seen] == [32, 32]
+    with torch.no_grad():
+        values = model.conv(x * mask.view(-1, 1, 1, 1))
+    torch.testing.assert_close(model.bn.running_mean, values.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
+@pytest.mark.parametrize("form", ["tensor", "tuple with one-hot labels", "list of tensors"])
+def test_recurrent_layers_split_and_count_along_their_batch_dimension(batch_first, form):
+    """Time-major (T, N, F) data was once cut along time: later steps got no statistics, samples counted steps."""
+    lstm = bnlab.BNLSTM(2, 4, max_steps=6, batch_first=batch_first).eval()
+    sequences = torch.randn(96, 6, 2, generator=torch.Generator().manual_seed(2)) * torch.arange(1, 7).view(1, 6, 1)
+    data = sequences if batch_first else sequences.transpose(0, 1).contiguous()
+    if form == "tuple with one-hot labels":
+        data = (data, _one_hot(96))
+    elif form == "list of tensors":
+        data = list(data.split(32, dim=0 if batch_first else 1))
+    done = bnlab.recalibrate(lstm, data, batch_size=32)
+    assert (done.samples, done.batches, done.batch_dim) == (96, 3, 0 if batch_first else 1)
+    projected = sequences @ lstm.layers[0].weight_ih.T  # the input term, (N, T, 4H): its statistics ignore batching
+    torch.testing.assert_close(lstm.layers[0].bn_ih.running_mean, projected.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lstm.layers[0].bn_ih.running_var, projected.var(0), rtol=1e-4, atol=1e-5)
+
+
+class _TimeMajorWrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = bnlab.BNLSTM(2, 4, max_steps=6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
+def test_a_model_holding_a_time_major_layer_needs_its_batch_dim():
+    model = _TimeMajorWrapper().eval()
+    data = torch.randn(6, 64, 2)
+    with pytest.raises(UsageError, match=r"time-major recurrent layer 'rnn'.*batch_dim"):
+        bnlab.recalibrate(model, data)
+    assert bnlab.recalibrate(model, data, batch_size=32, batch_dim=1).samples == 64
+    model.batch_dim = 1  # or the model says so itself
+    assert bnlab.recalibrate(model, data, batch_size=32).batches == 2
+
+
+def test_the_sequence_classifier_takes_images_along_dim_0(small_mnist):
+    from bnlab.config import TrainConfig
+    from bnlab.models import build_network
+
+    model = build_network(TrainConfig(model="lstm", bn="manual", task="row", batch_size=32)).eval()
+    done = bnlab.recalibrate(model, small_mnist.train.images[:64], batch_size=32)
+    assert (done.samples, done.batch_dim) == (64, 0)
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ((torch.randn(64, 1, 8, 8), torch.zeros(32)), "sizes along the batch dimension"),
+        ((torch.randn(64, 1, 8, 8), torch.ones(64, dtype=torch.bool).float(), torch.zeros(64)), "must be a bool"),
+        ([torch.randn(64, 1, 8, 8), torch.zeros(64, 10)], "different ranks"),
+        ((torch.randn(64, 1, 8, 8), "labels"), "a tuple of"),
+        ([{"x": torch.randn(8, 1, 8, 8)}], "batch 0 is a dict"),
+        ({"x": torch.randn(8, 1, 8, 8)}, "cannot read data of type dict"),
+        (42, "cannot read data of type int"),
+    ],
+    ids=["sizes-disagree", "mask-not-bool", "list-of-inputs-and-labels", "not-tensors", "dict-batch", "dict", "int"],
+)
+def test_data_that_fits_no_form_is_refused_naming_the_forms(data, fragment):
+    model = _net().eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UsageError, match=fragment):
+        bnlab.recalibrate(model, data, batch_size=32)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def _shard_worker(rank: int, store: str, out: str, shards: list[int]) -> None:

@@ -130,9 +130,9 @@ def test_layout_and_initialisation():
     assert cell.bn_ih.bias is None and cell.bn_hh.bias is None and (cell.bn_c.bias == 0).all()
 
     torch.manual_seed(0)
-    with_bn = BNLSTM(3, 4, 6, num_layers=2)
+    with_bn = BNLSTM(3, 4, max_steps=6, num_layers=2)
     torch.manual_seed(0)
-    plain = BNLSTM(3, 4, 6, num_layers=2, bn=False)  # same initialisation, no BN sites
+    plain = BNLSTM(3, 4, max_steps=6, num_layers=2, bn=False)  # same initialisation, no BN sites
     assert {k: v for k, v in with_bn.named_parameters() if "bn_" not in k}.keys() == dict(
         plain.named_parameters()
     ).keys()
@@ -161,7 +161,11 @@ def test_state_dict_layout_and_round_trip():
         "layers.0.bn_c.running_var": (5, 3),
         "layers.0.bn_c.num_batches_tracked": (5,),
     }
-    assert list(BNLSTM(2, 3, 5, bn=False).state_dict()) == ["layers.0.weight_ih", "layers.0.weight_hh", "layers.0.bias"]
+    assert list(BNLSTM(2, 3, max_steps=5, bn=False).state_dict()) == [
+        "layers.0.weight_ih",
+        "layers.0.weight_hh",
+        "layers.0.bias",
+    ]
 
     x = torch.randn(7, 4, 2)
     _trained(model, x).eval()
@@ -324,7 +328,7 @@ def test_a_batch_of_one_in_training_is_refused():
         model.layers[0](torch.randn(1, 1))
     model.eval()
     assert model(torch.randn(4, 1, 1))[0].shape == (4, 1, 3)
-    assert BNLSTM(1, 3, 5, bn=False)(torch.randn(4, 1, 1))[0].shape == (4, 1, 3)
+    assert BNLSTM(1, 3, max_steps=5, bn=False)(torch.randn(4, 1, 1))[0].shape == (4, 1, 3)
 
 
 def test_bad_shapes_are_refused():
@@ -376,3 +380,14 @@ def test_a_copy_shares_the_process_group_and_copies_the_rest():
         for name, buffer in copied.named_buffers():
             assert buffer.data_ptr() != originals[name].data_ptr()
             torch.testing.assert_close(buffer, originals[name])
+
+
+def test_nn_lstm_positional_arguments_cannot_build_the_wrong_layer():
+    """nn.LSTM(28, 100, 2) is two layers; the same call must not become one layer with two steps of statistics."""
+    with pytest.raises(TypeError, match="max_steps"):
+        BNLSTM(28, 100, 2)
+    with pytest.raises(TypeError, match="positional argument"):
+        BNLSTMCell(28, 100, True)  # nn.LSTMCell's third positional argument is bias
+    model = BNLSTM(28, 100, 2, max_steps=28)
+    assert model.num_layers == 2 and model.max_steps == 28 and model.batch_dim == 1
+    assert BNLSTM(28, 100, max_steps=28, batch_first=True).batch_dim == 0

@@ -45,6 +45,7 @@ PIXELS = IMAGE_SIZE * IMAGE_SIZE
 CLASSES = 10
 SEQUENCES = {"row": (IMAGE_SIZE, IMAGE_SIZE), "pixel": (PIXELS, 1), "permuted": (PIXELS, 1)}  # task -> (T, F)
 H0_NOISE_STD = 0.1  # experiments/sequentialmnist_bnlstm.sh of the authors
+BN_MOMENTUM = 0.1  # the statistics' momentum unless TrainConfig.bn_momentum sets one (PyTorch's default)
 PERMUTATION_SEED = 0  # pMNIST's pixel order: one fixed draw, independent of the run's seed
 
 
@@ -93,9 +94,11 @@ class SequenceClassifier(nn.Module):
         # the layers draw their default weights from the global generator, which h_0's noise comes from:
         # building must leave it where it is (reset_parameters then draws from ``generator``)
         with torch.random.fork_rng(devices=[]):
+            momentum = BN_MOMENTUM if config.bn_momentum is None else config.bn_momentum
             self.lstm = BNLSTM(
-                features, hidden, steps, batch_first=True, bn=config.bn != "none", h0_noise_std=H0_NOISE_STD
-            )
+                features, hidden, max_steps=steps, batch_first=True, bn=config.bn != "none", momentum=momentum,
+                h0_noise_std=H0_NOISE_STD,
+            )  # fmt: skip
             self.logits = nn.Linear(hidden, CLASSES)
         self.register_buffer("permutation", pixel_permutation() if config.task == "permuted" else None)
         self.reset_parameters(generator)

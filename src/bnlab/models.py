@@ -11,7 +11,8 @@ conv -> BN -> ReLU. The logits get no BN.
     "none"   no batch norm (the notebook's first network);
     "torch"  ``nn.BatchNorm1d/2d`` with TensorFlow's semantics: momentum 0.01 (= decay 0.99), eps 1e-3
              (the notebook's ``tf.layers.batch_normalization`` network);
-    "manual" bnlab's own ``BatchNorm1d/2d.tf_style``: decay 0.99, eps 1e-3, biased population variance
+    "manual" bnlab's own ``BatchNorm1d/2d`` with the notebook's conventions (as ``tf_style``): momentum 0.01
+             (decay 0.99), eps 1e-3, biased population variance
              (the notebook's ``tf.nn.moments`` + ``tf.nn.batch_normalization`` network).
 
 Initialisation follows the notebook. ``tf.layers`` uses Glorot-uniform kernels and zero biases (BN:
@@ -52,14 +53,17 @@ TF_MOMENTUM = 0.01  # TensorFlow's decay 0.99 in PyTorch's convention
 TF_EPS = 1e-3
 
 
-def make_norm(bn: str, num_features: int, dims: int, fused_relu: bool = False) -> nn.Module:
-    """A BN layer for ``dims``-D input ((N, C) is 2) in the given mode; bnlab's can fuse a ReLU."""
+def make_norm(
+    bn: str, num_features: int, dims: int, momentum: float = TF_MOMENTUM, fused_relu: bool = False
+) -> nn.Module:
+    """A BN layer for ``dims``-D input ((N, C) is 2) in the given mode, TensorFlow's eps; bnlab's can fuse a ReLU
+    and keeps the biased running variance, as the notebook's ``tf.nn.moments``."""
     check_choice("bn", bn, BN_MODES[1:])
     if bn == "torch":
         layer = nn.BatchNorm1d if dims == 2 else nn.BatchNorm2d
-        return layer(num_features, eps=TF_EPS, momentum=TF_MOMENTUM)
+        return layer(num_features, eps=TF_EPS, momentum=momentum)
     layer = bnn.BatchNorm1d if dims == 2 else bnn.BatchNorm2d
-    return layer.tf_style(num_features, decay=1 - TF_MOMENTUM, eps=TF_EPS, fused_relu=fused_relu)
+    return layer(num_features, eps=TF_EPS, momentum=momentum, unbiased_running_var=False, fused_relu=fused_relu)
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -98,6 +102,7 @@ class SeedConvNet(nn.Module):
         init: str = "auto",
         image_size: int = 28,
         in_channels: int = 1,
+        bn_momentum: float = TF_MOMENTUM,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -116,13 +121,14 @@ class SeedConvNet(nn.Module):
             init=init,
             image_size=image_size,
             in_channels=in_channels,
+            bn_momentum=bn_momentum,
         )
         use_bn = bn != "none"
         fuse = bn == "manual" and activation == "relu"  # bnlab's BN applies the ReLU in its own pass
 
         def norm_act(block: nn.Sequential, features: int, dims: int) -> None:
             if use_bn:
-                block.add_module("norm", make_norm(bn, features, dims, fused_relu=fuse))
+                block.add_module("norm", make_norm(bn, features, dims, momentum=bn_momentum, fused_relu=fuse))
             if not fuse:
                 block.add_module("act", ACTIVATIONS[activation]())
 
@@ -258,6 +264,7 @@ class FCNet(nn.Module):
         dropout: float = 0.0,
         in_features: int = 784,
         num_classes: int = 10,
+        bn_momentum: float = TF_MOMENTUM,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -279,6 +286,7 @@ class FCNet(nn.Module):
             dropout=dropout,
             in_features=in_features,
             num_classes=num_classes,
+            bn_momentum=bn_momentum,
         )
         use_bn = bn != "none"
         fuse = bn == "manual" and activation == "relu"
@@ -287,7 +295,7 @@ class FCNet(nn.Module):
             block = nn.Sequential()
             block.add_module("linear", nn.Linear(features, size, bias=not use_bn))
             if use_bn:
-                block.add_module("norm", make_norm(bn, size, dims=2, fused_relu=fuse))
+                block.add_module("norm", make_norm(bn, size, dims=2, momentum=bn_momentum, fused_relu=fuse))
             if not fuse:
                 block.add_module("act", ACTIVATIONS[activation]())
             if dropout:
@@ -348,23 +356,17 @@ def build_network(config: TrainConfig) -> nn.Module:
             f"{count:,} weights, more than bnlab builds ({MAX_PARAMETERS:,}); use a smaller network"
         )
     generator = torch.Generator().manual_seed(config.seed)
+    momentum = TF_MOMENTUM if config.bn_momentum is None else config.bn_momentum
     if config.model == "convnet":
-        init = config.init
-        model: nn.Module = SeedConvNet(
-            config.bn, depth=config.depth, hidden=config.hidden[0], activation=config.activation, init=init,
-            generator=generator,
+        return SeedConvNet(
+            config.bn, depth=config.depth, hidden=config.hidden[0], activation=config.activation, init=config.init,
+            bn_momentum=momentum, generator=generator,
         )  # fmt: skip
-    elif config.model == "mlp":
-        model = FCNet(
+    if config.model == "mlp":
+        return FCNet(
             config.bn, hidden=config.hidden, activation=config.activation, init=config.init,
-            dropout=config.dropout, generator=generator,
+            dropout=config.dropout, bn_momentum=momentum, generator=generator,
         )  # fmt: skip
-    else:
-        from bnlab.lstm import SequenceClassifier
+    from bnlab.lstm import SequenceClassifier
 
-        model = SequenceClassifier(config, generator=generator)
-    if config.bn_momentum is not None:
-        for module in model.modules():
-            if bnn.is_batch_norm(module):
-                module.momentum = config.bn_momentum
-    return model
+    return SequenceClassifier(config, generator=generator)  # its own default momentum (bnlab.lstm.BN_MOMENTUM)

@@ -42,6 +42,10 @@ class _BatchNorm(nn.Module):
     Beyond PyTorch's options: ``unbiased_running_var`` (False keeps the biased variance, as
     TensorFlow), ``fused_relu`` (apply ReLU to the output in the same pass) and ``process_group``
     (normalize with the statistics of the whole distributed batch, like ``nn.SyncBatchNorm``).
+
+    ``observer`` (not a constructor option): while set, as ``bnlab.recalibrate`` sets it for its pass,
+    a training-mode call hands its batch statistics to it (``functional.StatisticsObserver``) instead
+    of updating the running ones, and synchronizes nothing.
     """
 
     _version = 2  # PyTorch's: state dicts carry num_batches_tracked
@@ -85,6 +89,7 @@ class _BatchNorm(nn.Module):
         self.unbiased_running_var = unbiased_running_var
         self.fused_relu = fused_relu
         self.process_group = process_group
+        self.observer: functional.StatisticsObserver | None = None
         self.weight = nn.Parameter(torch.ones(num_features, **factory)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_features, **factory)) if affine and bias else None
         if track_running_stats:
@@ -120,6 +125,8 @@ class _BatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if self.observer is not None and self.training and self.running_mean is not None:
+            return self._observed(x)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -135,6 +142,13 @@ class _BatchNorm(nn.Module):
         return functional.local_batch_norm(
             x, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps,
             self.unbiased_running_var, self.fused_relu,
+        )  # fmt: skip
+
+    @torch.jit.unused
+    def _observed(self, x: Tensor) -> Tensor:
+        return functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, training=True, eps=self.eps,
+            relu=self.fused_relu, observer=self.observer,
         )  # fmt: skip
 
     @torch.jit.unused

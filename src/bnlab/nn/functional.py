@@ -15,8 +15,7 @@ with the running statistics, so a sample's output does not depend on the rest of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,21 +27,12 @@ from bnlab.nn import (
     sync,
 )
 
-__all__ = ["batch_norm", "local_batch_norm", "observing"]
+__all__ = ["StatisticsObserver", "batch_norm", "local_batch_norm"]
 
-# While set (``bnlab.recalibrate``), a training-mode call with running statistics hands them to this
-# instead of updating them: observer(x, running_mean, running_var, weight, bias, eps, unbiased, relu) -> y.
-_observer: Callable[..., Tensor] | None = None
-
-
-@contextmanager
-def observing(observer: Callable[..., Tensor]) -> Iterator[None]:
-    global _observer
-    previous, _observer = _observer, observer
-    try:
-        yield
-    finally:
-        _observer = previous
+StatisticsObserver = Callable[[int, Tensor, Tensor, Tensor, Tensor], None]
+"""observer(count, mean, var, running_mean, running_var): takes a training call's batch statistics (``count``
+values per feature, float64 mean and biased variance) in place of the running-statistics update, with the
+buffers they would have updated (``bnlab.recalibrate`` pools them exactly)."""
 
 
 def batch_norm(
@@ -58,16 +48,21 @@ def batch_norm(
     unbiased_running_var: bool = True,
     relu: bool = False,
     process_group: Any | None = None,
+    observer: StatisticsObserver | None = None,
 ) -> Tensor:
     """Batch-normalize x of shape (N, C, *) over every axis but C.
 
     ``relu`` applies a ReLU to the result in the same pass. ``process_group``: in training, the
-    statistics are those of every process's x together (see ``sync.py``).
+    statistics are those of every process's x together (see ``sync.py``). ``observer``: in training
+    with running statistics, the batch's statistics go to it (this process's alone) and the running
+    ones stay as they are.
     """
     if x.dim() < 2:
         raise ValueError(f"batch_norm expects input of shape (N, C, *), got shape {tuple(x.shape)}")
+    if observer is not None and training and running_mean is not None and running_var is not None:
+        return observed_batch_norm(x, running_mean, running_var, weight, bias, eps, relu, observer)
     batch_statistics = training or running_mean is None or running_var is None
-    if _observer is not None or not (batch_statistics and sync.is_distributed(process_group)):
+    if not (batch_statistics and sync.is_distributed(process_group)):
         return local_batch_norm(
             x, running_mean, running_var, weight, bias, training, momentum, eps, unbiased_running_var, relu
         )
@@ -90,9 +85,6 @@ def local_batch_norm(
     relu: bool,
 ) -> Tensor:
     """``batch_norm`` on this process's batch alone; positional, and TorchScript-compatible for the layers."""
-    if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript prunes only this exact form)
-        if _observer is not None and training and running_mean is not None:
-            return _observer(x, running_mean, running_var, weight, bias, eps, unbiased_running_var, relu)
     if not training and running_mean is not None and running_var is not None:
         return torch.ops.bnlab.batch_norm_eval(x, weight, bias, running_mean, running_var, eps, relu)
     update = training and running_mean is not None and running_var is not None
@@ -100,4 +92,20 @@ def local_batch_norm(
         x, weight, bias, running_mean if update else None, running_var if update else None, momentum, eps,
         unbiased_running_var, relu,
     )  # fmt: skip
+    return y
+
+
+def observed_batch_norm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    relu: bool,
+    observer: StatisticsObserver,
+) -> Tensor:
+    """x normalized with its batch statistics, which go to ``observer`` instead of into the running ones."""
+    y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, None, None, 0.0, eps, True, relu)
+    observer(statistics.values_per_feature(x), stats[0], stats[1], running_mean, running_var)
     return y

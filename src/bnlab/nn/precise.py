@@ -2,6 +2,10 @@
 
     bnlab.recalibrate(model, train_images, samples=8192, batch_size=64)
 
+What it reads: the data forms of ``bnlab.nn.data_forms`` (a tensor, a tuple ``(inputs, labels)`` or
+``(inputs, mask, labels)``, a Split, batches), each recognised by one rule, never guessed; samples
+counted along the model's batch dimension (0, or what the model reports, or ``batch_dim=``).
+
 Why: in training, a BN layer's running statistics are an exponential moving average (EMA) of batch
 statistics. With momentum 0.01 (decay 0.99) they describe the weights of roughly the last hundred
 steps, while an optimizer like Adam is still moving them, so eval-mode accuracy can fall far below
@@ -38,7 +42,6 @@ in size, even be empty).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +52,7 @@ from torch import Tensor, nn
 from bnlab.errors import UsageError
 from bnlab.nn import functional, statistics
 from bnlab.nn.batchnorm import is_batch_norm
+from bnlab.nn.data_forms import batch_dim_of, batches, check_budget
 
 __all__ = ["Recalibration", "recalibrate"]
 
@@ -62,12 +66,15 @@ class Recalibration:
     batches: int
     seconds: float
     skipped: list[str] = field(default_factory=list)  # BN layers without running statistics, or never reached
+    form: str = ""  # what the data was read as (bnlab.nn.data_forms)
+    batch_dim: int = 0  # the inputs' dimension that counted samples
 
 
 class _Pool:
-    """Exact per-element (count, mean, M2) of what one running-statistics buffer's elements normalized.
+    """Exact per-element (count, mean, M2) of what one layer's running-statistics elements normalized.
 
-    Keyed by the buffer's storage, so views (a recurrent layer's rows) pool into the right elements.
+    Indexed by position in the buffers' storage, so views (a recurrent layer's rows) pool into the right
+    elements. A pool is its layer's observer (``functional.StatisticsObserver``).
     """
 
     def __init__(self, running_mean: Tensor, running_var: Tensor, unbiased: bool) -> None:
@@ -83,14 +90,20 @@ class _Pool:
 
     def add(self, n: int, mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor) -> None:
         """Pool one batch's statistics (n values per feature, float64 mean and biased var) into its elements."""
-        if running_var.storage_offset() - running_mean.storage_offset() != self.offset:
-            raise UsageError("recalibrate: a BN layer's running mean and variance are not used as a pair")
+        same = running_mean.untyped_storage().data_ptr() == self.mean_storage.untyped_storage().data_ptr()
+        if not same or running_var.storage_offset() - running_mean.storage_offset() != self.offset:
+            raise UsageError(
+                "recalibrate: a BN layer normalized with running statistics that are not its own pair of buffers; "
+                "keep each layer's running_mean and running_var in that layer"
+            )
         at = slice(running_mean.storage_offset(), running_mean.storage_offset() + running_mean.numel())
         counts = torch.stack([self.count[at], torch.full_like(mean, float(n))])
         total, pooled_mean, pooled_var = statistics.combine_moments(
             counts, torch.stack([self.mean[at], mean]), torch.stack([self.m2[at] / counts[0].clamp(min=1), var])
         )
         self.count[at], self.mean[at], self.m2[at] = total, pooled_mean, pooled_var * total
+
+    __call__ = add
 
     def state(self) -> Tensor:
         return torch.stack([self.count, self.mean, self.m2 / self.count.clamp(min=1)])  # (3, size): count, mean, var
@@ -110,39 +123,6 @@ def _whole(t: Tensor) -> Tensor:
     return t.new_empty(0).set_(t.untyped_storage())
 
 
-class _Observer:
-    """Stands in for the running-statistics update during the pass: records, normalizes locally, keeps nothing.
-
-    One pool per BN layer, made before the pass in the model's module order, so that every process of
-    a group holds the same pools in the same order, whatever data it saw.
-    """
-
-    def __init__(self, layers: list[nn.Module]) -> None:
-        self.pools: dict[int, _Pool] = {}
-        for layer in layers:
-            unbiased = getattr(layer, "unbiased_running_var", True)  # torch.nn's layers keep it unbiased
-            self.pools[_key(layer.running_mean)] = _Pool(layer.running_mean, layer.running_var, unbiased)
-
-    def record(self, n: int, mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor) -> None:
-        pool = self.pools.get(_key(running_mean))
-        if pool is None:
-            raise UsageError(
-                "recalibrate: a batch_norm call updates running statistics that belong to no BN layer of the model; "
-                "keep running statistics in a BN layer (bnlab.BatchNorm*, SequenceBatchNorm or torch.nn's)"
-            )
-        pool.add(n, mean, var, running_mean, running_var)
-
-    def __call__(self, x, running_mean, running_var, weight, bias, eps, unbiased, relu) -> Tensor:
-        """bnlab's batch_norm during the pass: normalize with the batch's statistics, and record those."""
-        y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, None, None, 0.0, eps, True, relu)
-        self.record(statistics.values_per_feature(x), stats[0], stats[1], running_mean, running_var)
-        return y
-
-
-def _key(running_mean: Tensor) -> int:
-    return running_mean.untyped_storage().data_ptr()
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module itself under torch.compile's and DistributedDataParallel's wrappers."""
     while True:
@@ -154,67 +134,37 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _batches(
-    data: Any, samples: int, batch_size: int, device: torch.device, dtype: torch.dtype | None
-) -> Iterator[Tensor]:
-    """Input batches from a tensor, an (inputs, labels) pair, a Split, or an iterable of batches."""
-    from bnlab.data import Split  # data imports nothing from nn; keep nn importable on its own
-
-    if isinstance(data, Split):
-        data = data.images
-    elif _is_pair(data):
-        data = data[0]
-    if isinstance(data, Tensor):
-        n = min(samples, len(data))
-        usable = n - n % batch_size if n >= batch_size else n  # equal batches, as in training
-        chunks: Iterable[Any] = (data[i : i + batch_size] for i in range(0, usable, batch_size))
-    else:
-        chunks = data
-    seen = 0
-    for chunk in chunks:
-        x = chunk[0] if isinstance(chunk, (tuple, list)) else chunk
-        if not isinstance(x, Tensor):
-            raise UsageError(f"recalibrate: a batch must be a tensor or (inputs, labels); got {type(x).__name__}")
-        x = x[: samples - seen]  # the last batch cut to the budget ...
-        if len(x) < 2:  # ... unless too little of it is left for batch statistics
-            return
-        yield x.to(device, dtype) if (dtype is not None and x.is_floating_point()) else x.to(device)
-        seen += len(x)
-
-
-def _is_pair(data: Any) -> bool:
-    """An (inputs, labels) tuple: two tensors of one length, the labels one-dimensional (a list is batches)."""
-    return (
-        isinstance(data, tuple)
-        and len(data) == 2
-        and all(isinstance(t, Tensor) for t in data)
-        and data[1].dim() == 1
-        and len(data[0]) == len(data[1])
-    )
-
-
 def recalibrate(
     model: nn.Module,
     data: Any,
     *,
-    samples: int = 8192,
+    samples: int | None = 8192,
     batch_size: int = 64,
+    batch_dim: int | None = None,
     process_group: Any | None = None,
 ) -> Recalibration:
     """Recompute the population statistics of every BN layer in ``model`` from ``data``; see the module docstring.
 
-    ``data``: a tensor of inputs (split into batches of ``batch_size``), an ``(inputs, labels)`` tuple,
-    a ``bnlab.Split``, or an iterable of batches (a list, a generator, a DataLoader: tensors or
-    ``(inputs, labels)`` each, whose own batch size then applies). At most ``samples`` inputs are
-    used: from a tensor, whole batches of ``batch_size`` (as in training); from batches, the last one
-    cut to fit. ``Recalibration.samples`` says how many were used. Inputs go to the model's device
-    (and floating dtype). BN layers are torch.nn's (``SyncBatchNorm`` included), bnlab's and bnlab's
-    recurrent ``SequenceBatchNorm``.
+    ``data``, in one of the forms of ``bnlab.nn.data_forms`` (checked, never guessed): a tensor of inputs
+    (split into batches of ``batch_size``); a tuple ``(inputs, labels)``, labels of any shape, or
+    ``(inputs, mask, labels)``, whose sizes along the batch dimension agree; a ``bnlab.Split``; or a list,
+    DataLoader or iterable of batches (a tensor or such a tuple or list each, used at its own size). At
+    most ``samples`` inputs are used (``None``: all): from a tensor, whole batches of ``batch_size`` (as in
+    training); from batches, the last one cut to fit. ``batch_dim``: the dimension along which the inputs
+    hold samples, if not 0 and the model does not say (``BNLSTM`` does: 1 unless ``batch_first``). Inputs
+    go to the model's device (and floating dtype). BN layers are torch.nn's (``SyncBatchNorm`` included),
+    bnlab's and bnlab's recurrent ``SequenceBatchNorm``.
+
+    How each layer is observed, one mechanism for all: every BN layer normalizes each batch through
+    ``functional.batch_norm`` with an ``observer``, its pool, which receives the batch statistics in place
+    of the running update; bnlab's layers pass their ``observer`` attribute, and torch.nn's get, for the
+    pass, a forward that makes the same call (so ``SyncBatchNorm`` synchronizes nothing and needs no GPU).
     """
-    if samples < 2 or batch_size < 2:
-        raise UsageError(f"recalibrate needs samples and batch_size of at least 2; got {samples} and {batch_size}")
+    check_budget(samples, batch_size)
     start = time.perf_counter()
     model = _unwrap(model)
+    dim = batch_dim_of(model, batch_dim)
+    form, stream = batches(data, samples=samples, batch_size=batch_size, batch_dim=dim)
     named = [(name or "model", m) for name, m in model.named_modules() if is_batch_norm(m)]
     layers = [(name, m) for name, m in named if m.running_mean is not None and m.running_var is not None]
     saved = [(m, name, b.clone()) for _, m in layers for name, b in m.named_buffers(recurse=False) if b is not None]
@@ -222,68 +172,66 @@ def recalibrate(
     tensors = [*model.parameters(), *model.buffers()]
     device = tensors[0].device if tensors else torch.device("cpu")
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
-    observer = _Observer([m for _, m in layers])
-    hooks = []
-    count = batches = 0
+    # One pool per layer, made before the pass in module order, so that every process of a group holds
+    # the same pools in the same order, whatever data it saw. A layer shared by several call sites is one
+    # layer: its pool pools all its calls.
+    pools = {id(m): _Pool(m.running_mean, m.running_var, getattr(m, "unbiased_running_var", True)) for _, m in layers}
+    count = seen_batches = 0
     distributed = process_group is not None and dist.is_initialized() and dist.get_world_size(process_group) > 1
     try:
         model.eval()
         for _, layer in layers:
             layer.train()
-            if not hasattr(layer, "unbiased_running_var"):  # torch.nn's: its own forward runs, the hook records
-                hooks.append(layer.register_forward_pre_hook(_torch_layer_hook(observer)))
-                if isinstance(layer, nn.SyncBatchNorm):  # its forward would synchronize (and needs CUDA)
-                    layer.forward = _local_forward(layer)  # an instance attribute, removed below
-        with torch.no_grad(), functional.observing(observer):
-            for x in _batches(data, samples, batch_size, device, dtype):
-                model(x)
-                count, batches = count + len(x), batches + 1
-        if not batches and not distributed:  # a process of a group may hold no data: its peers may
-            raise UsageError("recalibrate: the data holds no batch; pass at least two inputs")
-        pools = list(observer.pools.values())
-        states = [pool.state() for pool in pools]
+            _observe(layer, pools[id(layer)])
+        with torch.no_grad():
+            for batch in stream:
+                batch.to(device, dtype).call(model)
+                count, seen_batches = count + batch.size(dim), seen_batches + 1
+        if not seen_batches and not distributed:  # a process of a group may hold no data: its peers may
+            raise UsageError("recalibrate: the data holds no batch of two or more samples; pass at least two inputs")
+        states = [pool.state() for pool in pools.values()]
         if distributed:  # every process joins, whatever its share: one all_gather for every layer
             states = _across(states, process_group)
         for m, name, value in saved:  # back to the stored state; only the pooled statistics are written below
             getattr(m, name).copy_(value)
-        for pool, state in zip(pools, states, strict=True):
+        for pool, state in zip(pools.values(), states, strict=True):
             pool.write(state)
     except BaseException:
         for m, name, value in saved:
             getattr(m, name).copy_(value)
         raise
     finally:
-        for hook in hooks:
-            hook.remove()
         for _, layer in layers:
-            layer.__dict__.pop("forward", None)
+            _unobserve(layer)
         for module, training in modes:
             module.training = training
-    reached = {key for key, pool in observer.pools.items() if bool((pool.count > 0).any())}
-    updated = [name for name, m in layers if _key(m.running_mean) in reached]
+    updated = [name for name, m in layers if bool((pools[id(m)].count > 0).any())]
     if layers and not updated and not distributed:
         raise UsageError("recalibrate: no BN layer received any data")
     skipped = [name for name, _ in named if name not in updated]
-    return Recalibration(updated, count, batches, time.perf_counter() - start, skipped)
+    return Recalibration(updated, count, seen_batches, time.perf_counter() - start, skipped, form=form, batch_dim=dim)
 
 
-def _torch_layer_hook(observer: _Observer):
-    """Before a torch.nn layer's own forward: record the moments of its input."""
+def _observe(layer: nn.Module, pool: _Pool) -> None:
+    """Route ``layer``'s batch-norm calls through the functional core with ``pool`` as their observer."""
+    if hasattr(layer, "observer"):  # bnlab's layers: they pass it themselves
+        layer.observer = pool
+        return
 
-    def hook(layer: nn.Module, args: tuple) -> None:
-        x = args[0].detach()
-        observer.record(statistics.values_per_feature(x), *statistics.moments(x), layer.running_mean, layer.running_var)
+    def forward(x: Tensor) -> Tensor:  # torch.nn's: the same call, for the pass (an instance attribute)
+        return functional.batch_norm(
+            x, layer.running_mean, layer.running_var, layer.weight, layer.bias, training=True, eps=layer.eps,
+            observer=pool,
+        )  # fmt: skip
 
-    return hook
+    layer.forward = forward
 
 
-def _local_forward(layer: nn.Module):
-    """``SyncBatchNorm``'s forward for the pass: this process's batch statistics, nothing synchronized."""
-
-    def forward(x: Tensor) -> Tensor:
-        return functional.local_batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps, True, False)
-
-    return forward
+def _unobserve(layer: nn.Module) -> None:
+    if hasattr(layer, "observer"):
+        layer.observer = None
+    else:
+        layer.__dict__.pop("forward", None)
 
 
 def _across(states: list[Tensor], process_group: Any) -> list[Tensor]:

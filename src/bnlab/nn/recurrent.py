@@ -39,6 +39,7 @@ from torch.nn.utils.rnn import PackedSequence
 from bnlab.errors import UsageError
 from bnlab.nn import batch_norm
 from bnlab.nn.batchnorm import copy_sharing_process_group
+from bnlab.nn.functional import StatisticsObserver
 
 __all__ = ["BNLSTM", "BNLSTMCell", "SequenceBatchNorm"]
 
@@ -93,6 +94,7 @@ class SequenceBatchNorm(nn.Module):
         self.track_running_stats = track_running_stats
         self.unbiased_running_var = unbiased_running_var
         self.process_group = process_group
+        self.observer: StatisticsObserver | None = None  # as bnlab's BatchNorm layers': set by recalibrate
         self.weight = nn.Parameter(torch.empty(num_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine_bias else None
         if track_running_stats:
@@ -207,6 +209,7 @@ class SequenceBatchNorm(nn.Module):
                 eps=eps,
                 unbiased_running_var=unbiased,
                 process_group=group,
+                observer=self.observer,
             )
 
         return normalize
@@ -248,6 +251,7 @@ class SequenceBatchNorm(nn.Module):
                     eps=self.eps,
                     unbiased_running_var=self.unbiased_running_var,
                     process_group=self.process_group if self.training else None,
+                    observer=self.observer,
                 )
                 parts.append(y.view(n, head, c))
             if head < steps:
@@ -308,8 +312,8 @@ class BNLSTMCell(nn.Module):
         self,
         input_size: int,
         hidden_size: int,
-        max_steps: int,
         *,
+        max_steps: int,
         bn: bool = True,
         gamma_init: float = GAMMA_INIT,
         eps: float = 1e-5,
@@ -453,15 +457,19 @@ class BNLSTM(nn.Module):
     length together), and, with bn=True in training, a batch of one.
 
     Layers are ``layers[k]``, ``BNLSTMCell``s; keyword options go to every cell (see there).
+    Positional arguments are ``nn.LSTM``'s, ``(input_size, hidden_size, num_layers)``; ``max_steps``
+    is keyword-only, so ``BNLSTM(28, 100, 2)`` swapped in for ``nn.LSTM(28, 100, 2)`` is refused
+    rather than built as one layer with two steps of statistics. ``batch_dim`` says which input
+    dimension holds the samples (1 time-major, 0 with ``batch_first``), for ``bnlab.recalibrate``.
     """
 
     def __init__(
         self,
         input_size: int,
         hidden_size: int,
-        max_steps: int,
         num_layers: int = 1,
         *,
+        max_steps: int,
         batch_first: bool = False,
         bn: bool = True,
         gamma_init: float = GAMMA_INIT,
@@ -496,7 +504,7 @@ class BNLSTM(nn.Module):
             dtype=dtype,
         )
         self.layers = nn.ModuleList(
-            BNLSTMCell(input_size if k == 0 else hidden_size, hidden_size, max_steps, **options)
+            BNLSTMCell(input_size if k == 0 else hidden_size, hidden_size, max_steps=max_steps, **options)
             for k in range(num_layers)
         )
 
@@ -513,8 +521,8 @@ class BNLSTM(nn.Module):
         model = cls(
             lstm.input_size,
             lstm.hidden_size,
-            max_steps,
             lstm.num_layers,
+            max_steps=max_steps,
             batch_first=lstm.batch_first,
             bn=bn,
             device=first.device,
@@ -530,6 +538,10 @@ class BNLSTM(nn.Module):
                 else:
                     cell.bias.zero_()
         return model
+
+    @property
+    def batch_dim(self) -> int:
+        return 0 if self.batch_first else 1
 
     def forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (T, N, input_size) (or (N, T, input_size)) -> (output, (h_n, c_n)), as ``nn.LSTM``."""
