@@ -81,6 +81,12 @@ def finish(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
         (["summary", "--depth", "100000"], "argument --depth: must be <= 200"),
         (["evaluate", "x", "--samples", "-3"], "argument --samples: must be >= 0"),
         (["recalibrate", "x", "--samples", "1"], "argument --samples: must be >= 2"),
+        (["reproduce", "--seeds", "1000"], "argument --seeds: must be <= 100"),
+        (["benefits", "--seeds", "1e3"], "argument --seeds: expected a whole number"),
+        (["rnn", "--eval-size", "6000"], "argument --eval-size: must be <= 5000"),
+        (["rnn", "--threads", "100000"], "argument --threads: must be <= 1024"),
+        (["train", "--batch-size", "100000"], "argument --batch-size: must be <= 55000"),
+        (["bench", "--runs", "100000"], "argument --runs: must be <= 10000"),
     ],
 )
 def test_arguments_out_of_range_exit_2(capsys, args, fragment):

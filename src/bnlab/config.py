@@ -55,7 +55,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str]) ->
         raise UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
+def check_int(name: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise UsageError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
 
@@ -117,12 +117,12 @@ class TrainConfig:
         check_choice("cadence", self.cadence, CADENCES)
         if self.bn_momentum is not None:
             _check_number("bn_momentum", self.bn_momentum, 0.0, 1.0, open_low=True)
-        _check_int("depth", self.depth, 1, 200)
+        check_int("depth", self.depth, 1, 200)
         if not self.hidden or (self.model != "mlp" and len(self.hidden) != 1):
             raise UsageError(f"hidden must list one layer size (several for the mlp); got {list(self.hidden)}")
         for size in self.hidden:
-            _check_int("hidden layer size", size, 1, 100_000)
-        _check_int("hidden layers", len(self.hidden), 1, 1000)
+            check_int("hidden layer size", size, 1, 100_000)
+        check_int("hidden layers", len(self.hidden), 1, 1000)
         if self.model == "convnet":
             check_choice("convnet init", self.init, CONV_INITS)
         elif self.model == "mlp":
@@ -137,25 +137,25 @@ class TrainConfig:
         _check_number("momentum", self.momentum, 0.0, 0.999)
         if self.clip is not None:
             _check_number("clip", self.clip, 0.0, 1e9, open_low=True)
-        _check_int("batch_size", self.batch_size, 1, 1_000_000)
+        check_int("batch_size", self.batch_size, 1, 1_000_000)
         if self.bn != "none" and self.batch_size < 2:
             raise UsageError("batch_size must be at least 2 with batch norm (statistics of one sample are undefined)")
-        _check_int("batches", self.batches, 1, MAX_BATCHES)
+        check_int("batches", self.batches, 1, MAX_BATCHES)
         if self.seconds is not None:
             _check_number("seconds", self.seconds, 0.0, 1e7, open_low=True)
-        _check_int("seed", self.seed, 0, MAX_SEED)
+        check_int("seed", self.seed, 0, MAX_SEED)
         if self.train_size is not None:
-            _check_int("train_size", self.train_size, self.batch_size, 10**8)
-        _check_int("eval_every", self.eval_every, 1, MAX_BATCHES)
-        _check_int("log_every", self.log_every, 1, MAX_BATCHES)
+            check_int("train_size", self.train_size, self.batch_size, 10**8)
+        check_int("eval_every", self.eval_every, 1, MAX_BATCHES)
+        check_int("log_every", self.log_every, 1, MAX_BATCHES)
         if self.eval_size is not None:
-            _check_int("eval_size", self.eval_size, 1, 10**8)
-        _check_int("train_eval_size", self.train_eval_size, 0, 10**8)
-        _check_int("one_at_a_time", self.one_at_a_time, 0, 10**8)
-        _check_int("precise_samples", self.precise_samples, 0, 10**8)
-        _check_int("checkpoint_every", self.checkpoint_every, 0, MAX_BATCHES)
+            check_int("eval_size", self.eval_size, 1, 10**8)
+        check_int("train_eval_size", self.train_eval_size, 0, 10**8)
+        check_int("one_at_a_time", self.one_at_a_time, 0, 10**8)
+        check_int("precise_samples", self.precise_samples, 0, 10**8)
+        check_int("checkpoint_every", self.checkpoint_every, 0, MAX_BATCHES)
         for batch in self.snapshots:
-            _check_int("snapshot batch", batch, 1, self.batches)
+            check_int("snapshot batch", batch, 1, self.batches)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -33,7 +33,8 @@ from bnlab.check.estimates import SETTLED, Estimate, keeps_statistics, recompute
 from bnlab.check.probes import one_line, scoring_findings
 from bnlab.check.report import Finding, Report, StatisticsCost
 from bnlab.check.rules import RULES, Rule
-from bnlab.check.spec import load_model_spec
+from bnlab.check.spec import load_model_spec, require_values
+from bnlab.config import check_int
 from bnlab.data import Split, load_mnist
 from bnlab.errors import BnlabError, UsageError
 from bnlab.nn import is_batch_norm
@@ -86,8 +87,8 @@ def check_model(
         ("held_out", held_out),
         ("batch_size", batch_size),
     ):
-        if value < 2:
-            raise UsageError(f"{name} must be at least 2 (batch statistics need two samples); got {value}")
+        check_int(f"{name} (batch statistics need two samples)", value, 2, 10**8)
+    require_values(model)
     if data is None:
         data = load_mnist(data_dir).test
     inputs, labels = (data.images, data.labels) if isinstance(data, Split) else (data, None)
@@ -164,7 +165,7 @@ def _stored_against_recomputed(
         if measures_accuracy(stored, held_labels):
             return estimates, statistics_cost(stored, recomputed, held_labels)
         again = _to_model(inputs[again_part[: len(recompute_part)]], model)
-        recalibrate(model, again, samples=len(again), batch_size=batch_size)
+        recalibrate(model, again, samples=len(again), batch_size=batch_size, batch_dim=0)
         return estimates, statistics_cost(stored, recomputed, held_labels, score(model, held_inputs))
 
 

@@ -85,7 +85,7 @@ def recompute(
     within = {name: _WithinSample() for name, layer in layers if _per_channel(layer)}
     handles = [layer.register_forward_pre_hook(within[name]) for name, layer in layers if name in within]
     try:
-        recalibrate(model, inputs, samples=len(inputs), batch_size=batch_size)
+        recalibrate(model, inputs, samples=len(inputs), batch_size=batch_size, batch_dim=0)
     finally:
         for handle in handles:
             handle.remove()

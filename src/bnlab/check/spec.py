@@ -18,7 +18,7 @@ from torch import nn
 from bnlab.check.probes import one_line
 from bnlab.errors import BnlabError, Interrupted, UsageError
 
-__all__ = ["load_model_spec"]
+__all__ = ["load_model_spec", "require_values"]
 
 _NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 
@@ -77,7 +77,18 @@ def load_model_spec(spec: str, device: str | torch.device = "cpu") -> nn.Module:
         raise BnlabError(f"{spec}() failed: {one_line(err)}") from err
     if not isinstance(model, nn.Module):
         raise UsageError(f"{spec}() returned a value of type {type(model).__name__}, not a torch.nn.Module")
+    require_values(model, f"{spec}()'s model")
     return model.to(device)
+
+
+def require_values(model: nn.Module, what: str = "the model") -> None:
+    """Refuse a model whose tensors hold no values (the meta device: shapes only), naming the first."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise UsageError(
+                f"{what} has its weights on the meta device ({name} holds a shape but no values), so it cannot "
+                "run; materialize it first (model.to_empty(device='cpu'), then load or initialise its weights)"
+            )
 
 
 def _stopped(err: SystemExit | KeyboardInterrupt) -> str:

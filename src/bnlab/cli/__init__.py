@@ -55,12 +55,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {err.filename}" if err.filename else ""
         return _fail(name, f"{err.strerror or err}{where}", 1)
     except MemoryError:
-        return _fail(name, "out of memory; use smaller sizes (batch size, samples, network)", 1)
+        return _fail(name, OUT_OF_MEMORY, 1)
     except Exception as err:  # a bug in bnlab: say so in one line, not in a traceback
+        if _out_of_memory(err):  # PyTorch's allocators raise RuntimeErrors, not MemoryError
+            return _fail(name, OUT_OF_MEMORY, 1)
         return _fail(name, f"internal error: {type(err).__name__}: {err} (BNLAB_DEBUG=1 shows where)", 1)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+OUT_OF_MEMORY = "out of memory; use smaller sizes (batch size, samples, network)"
+
+
+def _out_of_memory(err: Exception) -> bool:
+    return type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    )
 
 
 def _fail(name: str, message: str, status: int) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from bnlab.config import MAX_BATCHES, MAX_SEED
+from bnlab.data import VALIDATION_SIZE
 from bnlab.errors import UsageError
 
 DATA_HELP = "folder holding the four MNIST files (default: $BNLAB_DATA_DIR, else download to ~/.cache/bnlab)"
@@ -23,6 +24,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+KIND_NAMES = {int: "a whole number", float: "a number"}
+
+
 def number(kind: type, minimum: float, maximum: float = math.inf, inclusive: bool = True) -> Callable[[str], Any]:
     """An argparse type: ``kind`` in [minimum, maximum] (minimum excluded unless ``inclusive``), finite."""
 
@@ -30,7 +34,7 @@ def number(kind: type, minimum: float, maximum: float = math.inf, inclusive: boo
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {KIND_NAMES[kind]}, got {text!r}") from None
         if not math.isfinite(value) or (value < minimum if inclusive else value <= minimum):
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
         if value > maximum:
@@ -45,6 +49,11 @@ non_negative_int = number(int, 0, 10**8)
 positive_float = number(float, 0.0, 1e6, inclusive=False)
 batches_int = number(int, 1, MAX_BATCHES)
 seed_int = number(int, 0, MAX_SEED)
+seeds_count = number(int, 1, 100)  # seeds of an experiment: each is one or more whole runs
+threads_int = number(int, 1, 1024)
+repeats_int = number(int, 1, 10**4)  # timing repeats and benchmark runs
+batch_size_int = number(int, 1, 60000 - VALIDATION_SIZE)  # at most the training images of one epoch
+eval_size_int = number(int, 1, VALIDATION_SIZE)
 
 
 def csv_choices(allowed: Sequence[str]) -> Callable[[str], str]:
@@ -76,7 +85,7 @@ def fast_flag(p: argparse.ArgumentParser) -> None:
 
 def threads_option(p: argparse.ArgumentParser) -> None:
     """--threads: torch threads for a long lab command (``apply_threads`` sets them)."""
-    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's; 1 is faster on a busy CPU)")
+    p.add_argument("--threads", type=threads_int, help="torch threads (default: torch's; 1 is faster on a busy CPU)")
 
 
 def apply_threads(args: argparse.Namespace) -> None:

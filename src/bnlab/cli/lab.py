@@ -11,10 +11,12 @@ from bnlab.cli.args import (
     common,
     csv_choices,
     emitter,
+    eval_size_int,
     fast_flag,
     non_negative_int,
     positive_float,
     positive_int,
+    seeds_count,
     threads_option,
     writable_folder,
 )
@@ -143,7 +145,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Train the three networks at the notebook's settings and compare them with its published "
         "figures, with the running (EMA) statistics and with precise ones.",
     )
-    p.add_argument("--seeds", type=positive_int, default=1, help="seeds 0..N-1 per network (default: 1)")
+    p.add_argument("--seeds", type=seeds_count, default=1, help="seeds 0..N-1 per network (default: 1)")
     p.add_argument("--out", metavar="DIR", default="runs/reproduce", help="output folder (default: runs/reproduce)")
     p.add_argument("--fresh", action="store_true", help="retrain even where a finished run exists")
     common(p)
@@ -164,7 +166,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--budget", choices=list(BUDGETS), default="quick",
         help="smoke: seconds, for CI; quick: about 7 min on 2 CPU cores; full: about 2 h 40 min (default: quick)",
     )  # fmt: skip
-    p.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 (default: the budget's, 1/2/5)")
+    p.add_argument("--seeds", type=seeds_count, help="seeds 0..N-1 (default: the budget's, 1/2/5)")
     p.add_argument(
         "--bn", choices=BN_MODES[1:], default="manual", help="the BN arm: torch or manual (bnlab's; default)"
     )
@@ -191,10 +193,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--minutes", type=positive_float, help="training time per run, evaluation excluded (default: no limit)"
     )
-    p.add_argument("--seeds", type=positive_int, default=1, help="seeds 0..N-1, each a pair of runs (default: 1)")
+    p.add_argument("--seeds", type=seeds_count, default=1, help="seeds 0..N-1, each a pair of runs (default: 1)")
     p.add_argument("--eval-every", type=positive_int, default=100, help="batches between evaluations (default: 100)")
     p.add_argument(
-        "--eval-size", type=positive_int, default=1000, help="validation images per evaluation (default: 1000)"
+        "--eval-size", type=eval_size_int, default=1000, help="validation images per evaluation (default: 1000)"
     )
     p.add_argument(
         "--one-at-a-time", type=non_negative_int, default=100, metavar="N",
@@ -228,7 +230,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="smoke: seconds, for CI; quick: 1 seed, 800 batches; full: 3 seeds, 3,000 batches, 6 sample counts "
         "(default: quick)",
     )  # fmt: skip
-    p.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 (default: the budget's, 1/1/3)")
+    p.add_argument("--seeds", type=seeds_count, help="seeds 0..N-1 (default: the budget's, 1/1/3)")
     p.add_argument(
         "--modes", type=csv_choices(BN_MODES[1:]), default="torch,manual", help="BN modes (default: torch,manual)"
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.cli.args import (
+    batch_size_int,
     batches_int,
     common,
     emitter,
@@ -16,7 +17,6 @@ from bnlab.cli.args import (
     non_negative_int,
     number,
     positive_float,
-    positive_int,
     seed_int,
     writable_file,
 )
@@ -94,13 +94,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint.path),
         "config": config.to_dict(),
+        **checkpoint.provenance(),  # the step the weights come from, and whether the run finished
         "one_at_a_time_samples": samples,
         "statistics": kind,  # the scores below use the checkpoint's own statistics
         **stored,
         "precise": None,  # the same scores with precise statistics
     }
     emit = emitter(args)
-    emit(f"Checkpoint {checkpoint.path}: bn={config.bn}, seed {config.seed}, {config.batches} batches")
+    emit(f"Checkpoint {checkpoint.path}: {checkpoint.describe()}")
     if any(is_batch_norm(m) for m in model.modules()) and args.precise_samples:
         split = training_split(config, data)
         precise, done = precise_copy(model, split, args.precise_samples, config.batch_size, config.seed)
@@ -135,24 +136,34 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     if out.resolve() == source.resolve():
         raise UsageError(f"--out {out} is the checkpoint being recalibrated; write the result beside it")
     data = load_mnist(args.data_dir).to(device)
-    samples = min(args.one_at_a_time, len(data.test))
-    batch_size = args.batch_size or config.batch_size
-    before = scores(checkpoint.model, data, config.loss, samples)
-    model, done = precise_copy(checkpoint.model, training_split(config, data), args.samples, batch_size, config.seed)
-    if not done.layers:
-        raise UsageError(f"{source} has no batch-norm layer with running statistics: there is nothing to recalibrate")
-    after = scores(model, data, config.loss, samples)
-    statistics = {"kind": "precise", "samples": done.samples, "batch_size": batch_size, "from": source.name}
-    payload = {key: value for key, value in checkpoint.payload.items() if key not in ("format", "version", "resume")}
-    store.save_checkpoint(out, payload | {"state_dict": model.state_dict(), "statistics": statistics})
     emit = emitter(args)
+    emit(f"Checkpoint {source}: {checkpoint.describe()}")
+    with store.exclusive(out.parent):  # one writer: a second recalibrate (or a run writing there) is refused
+        writable_file(out, overwrite=args.overwrite)  # again, under the lock: a writer may have finished meanwhile
+        samples = min(args.one_at_a_time, len(data.test))
+        batch_size = args.batch_size or config.batch_size
+        before = scores(checkpoint.model, data, config.loss, samples)
+        model, done = precise_copy(
+            checkpoint.model, training_split(config, data), args.samples, batch_size, config.seed
+        )
+        if not done.layers:
+            raise UsageError(
+                f"{source} has no batch-norm layer with running statistics: there is nothing to recalibrate"
+            )
+        after = scores(model, data, config.loss, samples)
+        statistics = {"kind": "precise", "samples": done.samples, "batch_size": batch_size, "from": source.name}
+        payload = {
+            key: value for key, value in checkpoint.payload.items() if key not in ("format", "version", "resume")
+        }
+        store.save_checkpoint(out, payload | {"state_dict": model.state_dict(), "statistics": statistics})
     emit(f"Recalibrated {len(done.layers)} BN layers from {done.samples:,} training images in {done.seconds:.2f} s")
     for line in score_lines(before, after, samples, kind="stored", final=False):
         emit(line)
     emit(f"Written to {out}")
     if args.json:
-        report = {"checkpoint": str(source), "out": str(out), "before": before, "after": after}
-        print(json.dumps(report | {"samples": done.samples, "seconds": done.seconds, "layers": done.layers}, indent=2))
+        report = {"checkpoint": str(source), "out": str(out), **checkpoint.provenance(), "before": before}
+        report |= {"after": after, "samples": done.samples, "seconds": done.seconds, "layers": done.layers}
+        print(json.dumps(report, indent=2))
     return 0
 
 
@@ -178,7 +189,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--bn", choices=BN_MODES, default="manual", help=BN_HELP)
     p.add_argument("--batches", type=batches_int, default=800, help="training batches (default: 800)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="examples per batch (default: 64)")
+    p.add_argument("--batch-size", type=batch_size_int, default=64, help="examples per batch (default: 64)")
     p.add_argument("--lr", type=positive_float, default=0.002, help="Adam learning rate (default: 0.002)")
     p.add_argument(
         "--loss", choices=LOSSES, default="sigmoid", help="sigmoid (the notebook's) or softmax cross-entropy"

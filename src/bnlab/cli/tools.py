@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from bnlab.cli.args import common, csv_choices, emitter, positive_int, writable_file
+from bnlab.cli.args import common, csv_choices, emitter, positive_int, repeats_int, writable_file
 from bnlab.config import BN_MODES
 
 
@@ -90,8 +90,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--paths", type=csv_choices(("fast", "slow")), default="fast",
         help="fast (default path) and/or slow (--no-fast) training path (default: fast)",
     )  # fmt: skip
-    p.add_argument("--runs", type=positive_int, default=3, help="800-batch runs per mode (default: 3)")
-    p.add_argument("--repeats", type=positive_int, default=30, help="timings per layer shape (default: 30)")
+    p.add_argument("--runs", type=repeats_int, default=3, help="800-batch runs per mode (default: 3)")
+    p.add_argument("--repeats", type=repeats_int, default=30, help="timings per layer shape (default: 30)")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE (checked before timing)")
     common(p)
     p.set_defaults(func=cmd_bench)

@@ -332,11 +332,11 @@ def train(
         if run is not None:
             try:
                 run.write_summary(result.summary())
-                if result.status == "completed" and checkpoints and result.model is not None:
-                    payload = {"config": config.to_dict(), "state_dict": result.model.state_dict()}
-                    run.save_checkpoint(
-                        store.CHECKPOINT, payload | {"step": result.batches_done, "summary": result.summary()}
-                    )
+            except OSError:
+                if result.status in store.FINISHED:  # nothing else reports the problem: this error does
+                    raise
+                # else the error on its way out (named by its file) is the one to report; the summary could
+                # not be written even in place, so it says the run's last recorded status
             finally:
                 run.close()
     return result
@@ -402,6 +402,9 @@ def _train(
     if main and (notebook or config.one_at_a_time or config.precise_samples):
         _final_scores(config, data, train_split, result, line)
     result.status = "completed"
+    if run is not None and checkpoints:  # before summary.json says "completed": a failed write makes it "failed"
+        payload = {"config": config.to_dict(), "state_dict": state.module.state_dict(), "step": state.step}
+        run.save_checkpoint(store.CHECKPOINT, payload | {"summary": result.summary()})
 
 
 def prepare(

@@ -30,7 +30,9 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import io
 import json
 import math
 import os
@@ -45,7 +47,7 @@ from torch import nn
 
 from bnlab.config import TrainConfig
 from bnlab.errors import CheckpointError, UsageError
-from bnlab.fileio import atomic_write_bytes, read_json, temporary_beside, write_json
+from bnlab.fileio import OUT_OF_SPACE, atomic_write_bytes, json_bytes, naming, read_json, rewrite_in_place, write_json
 from bnlab.version import __version__
 
 FORMAT, CHECKPOINT_FORMAT, VERSION = "bnlab.run", "bnlab.checkpoint", 2
@@ -141,23 +143,49 @@ class RunDir:
         write_json(self.path / CONFIG, header | {"torch": torch.__version__} | details)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_json(self.path / SUMMARY, finite_or_none(summary))
+        """summary.json, atomically; on a full disk, where a temporary copy has no room, rewritten in place, so
+        that the run's last status (failed, with the file that could not be written) still reaches the disk."""
+        path, data = self.path / SUMMARY, json_bytes(finite_or_none(summary))
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as err:
+            if err.errno not in OUT_OF_SPACE or not path.is_file():
+                raise
+            rewrite_in_place(path, data)
 
     def record(self, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl and flush it."""
-        if self._metrics is None:
-            self._metrics = open(self.path / METRICS, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
-        self._metrics.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
-        self._metrics.flush()
+        path = self.path / METRICS
+        try:
+            if self._metrics is None:
+                self._metrics = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+            self._metrics.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
+            self._metrics.flush()
+        except OSError as err:
+            raise naming(err, path) from err
 
     def save_checkpoint(self, name: str, payload: dict[str, Any]) -> None:
         save_checkpoint(self.path / name, payload)
 
     def close(self) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
-        self._lock.close()  # releases the flock
+        try:
+            if self._metrics is not None:
+                with contextlib.suppress(OSError):  # a full disk fails the flush again; the error was raised once
+                    self._metrics.close()
+                self._metrics = None
+        finally:
+            self._lock.close()  # releases the flock
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s writer lock (the run directory's, when it is one) inside the block: a second writer,
+    whether a run or a command writing beside its checkpoint, is refused (``UsageError``) instead of racing."""
+    lock = RunDir._take_lock(Path(folder))
+    try:
+        yield
+    finally:
+        lock.close()
 
 
 def _only_run_files(present: list[Path]) -> bool:
@@ -228,17 +256,16 @@ def _config(payload: dict[str, Any], path: Path) -> TrainConfig:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """``payload`` (config, state_dict, ...) with the format marker, written atomically; tensors moved to the CPU."""
+    """``payload`` (config, state_dict, ...) with the format marker, written atomically; tensors moved to the CPU.
+
+    Serialized in memory first, so a failing write is a plain ``OSError`` naming ``path`` (a full disk, a
+    file-size limit), with no half-written temporary file left holding the space.
+    """
     payload = {"format": CHECKPOINT_FORMAT, "version": VERSION, **payload}
     payload["state_dict"] = {k: v.detach().cpu() for k, v in payload["state_dict"].items()}
-    fd, tmp = temporary_beside(path)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 @dataclass(frozen=True)
@@ -249,6 +276,43 @@ class Checkpoint:
     config: TrainConfig
     model: nn.Module
     payload: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        """The training steps behind these weights."""
+        return int(self.payload.get("step", 0))
+
+    @property
+    def finished(self) -> bool:
+        """Written at the end of a completed run (not a periodic checkpoint or a snapshot taken on the way)."""
+        summary = self.payload.get("summary")
+        return isinstance(summary, dict) and summary.get("status") == "completed"
+
+    def run_status(self) -> str | None:
+        """The status of the run directory the checkpoint sits in, if it sits in one."""
+        try:
+            return read_summary(self.path.parent).get("status")
+        except CheckpointError:
+            return None
+
+    def provenance(self) -> dict[str, Any]:
+        """Where these weights come from, for results: the step, the run's plan and whether it finished."""
+        return {
+            "step": self.step,
+            "planned_batches": self.config.batches,
+            "finished": self.finished,
+            "run_status": self.run_status(),
+        }
+
+    def describe(self) -> str:
+        """One line: the network, and the step its weights come from, saying so when the run did not finish."""
+        c = self.config
+        text = f"bn={c.bn}, seed {c.seed}, after {self.step} of {c.batches} planned batches"
+        if self.finished:
+            return text
+        status = self.run_status()
+        why = f"its run is {status}" if status not in (None, "completed") else "it was saved during training"
+        return f"{text}; NOT a finished run ({why}): these are the weights of its batch {self.step}"
 
 
 def checkpoint_path(path: str | os.PathLike) -> Path:
