@@ -20,7 +20,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     "args, fragment",
     [
         (["train", "--batches", "0"], "argument --batches: must be >= 1, got 0"),
-        (["train", "--lr", "fast"], "argument --lr: expected a float, got 'fast'"),
+        (["train", "--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
         (["train", "--lr", "nan"], "argument --lr: must be > 0.0, got nan"),
         (["train", "--bn", "batch"], "argument --bn: invalid choice"),
         (["reproduce", "--seeds", "-1"], "argument --seeds: must be >= 1"),
