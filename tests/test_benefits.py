@@ -32,10 +32,13 @@ from bnlab.lab.benefits import (
 )
 from bnlab.lab.benefits.arms import Lab
 from bnlab.lab.benefits.networks import LAB, PAPER_MLP
+from bnlab.lab.curves import final, points
 from bnlab.models import ACTIVATIONS, FCNet, build_network
-from bnlab.training import RunResult, train
+from bnlab.training import RunResult, obtain, run_dir, train
 from bnlab.training import runner as train_module
+from bnlab.training import runs as keeper
 from bnlab.training.evaluate import UnitPeaks
+from bnlab.training.runner import train_stack
 
 FC_INITS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal")
 
@@ -46,7 +49,7 @@ def build_pair(config: TrainConfig, bn: str) -> tuple[torch.nn.Module, torch.nn.
 
 
 def lab_train(config: TrainConfig, bn: str, seed: int, data) -> RunResult:
-    return runs.lab_run(config.replace(bn=bn, seed=seed), data, torch.device("cpu"))[0]
+    return train(config.replace(bn=bn, seed=seed), data, device="cpu", **runs.QUIET)
 
 
 # --- Models -----------------------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def test_paired_runs_share_initial_weights_and_batch_order(spec, small_mnist, mo
     assert all(torch.equal(initial[0][name], initial[1][name]) for name in shared)
     assert (pair.plain.config.bn, pair.bn.config.bn) == ("none", "torch")
     curves = pair.curves()
-    assert [x for x, _ in curves["no BN"]] == [x for x, _ in curves["BN"]] == [p["batch"] for p in pair.bn.points]
+    assert [x for x, _ in curves["no BN"]] == [x for x, _ in curves["BN"]] == [p["batch"] for p in points(pair.bn)]
 
 
 def test_same_seed_same_run_and_divergence_is_recorded_not_raised(small_mnist):
@@ -170,18 +173,18 @@ def test_same_seed_same_run_and_divergence_is_recorded_not_raised(small_mnist):
     first, second = (lab_train(spec, "torch", 1, small_mnist) for _ in range(2))
 
     def untimed(run: RunResult) -> list[dict]:
-        return [{k: v for k, v in p.items() if k != "seconds"} for p in run.points]
+        return [{k: v for k, v in p.items() if k != "seconds"} for p in points(run)]
 
     assert untimed(first) == untimed(second) and first.status == "completed"
-    assert set(first.points[-1]) >= {"train_accuracy", "dead_relu"}
+    assert set(points(first)[-1]) >= {"train_accuracy", "dead_relu"}
     blown = lab_train(PAPER_MLP.replace(lr=1e6, batches=20, eval_every=5, eval_size=64), "none", 0, small_mnist)
-    assert blown.status == "diverged" and blown.diverged and blown.batches_done < 20 and blown.final() is None
+    assert blown.status == "diverged" and blown.diverged and blown.batches_done < 20 and final(blown) is None
 
 
 def test_time_budget_stops_the_run(small_mnist):
     spec = PAPER_MLP.replace(hidden=(16,), batches=10**9, seconds=0.05, eval_every=10**6, eval_size=32)
     run = lab_train(spec, "none", 0, small_mnist)
-    assert 0.05 <= run.train_seconds < 1.0 and run.points[-1]["batch"] == run.batches_done
+    assert 0.05 <= run.train_seconds < 1.0 and points(run)[-1]["batch"] == run.batches_done
 
 
 @pytest.mark.parametrize(
@@ -335,34 +338,40 @@ def test_resume_reuses_finished_runs_and_redoes_a_damaged_one(small_mnist, tmp_p
     assert third.trained == 1 and json.loads(files[0].read_text())["config"]["seed"] == 0
 
 
-def test_interrupt_loses_only_the_run_in_progress(small_mnist, tmp_path, monkeypatch):
+def test_interrupt_loses_only_the_stack_in_progress(small_mnist, tmp_path, monkeypatch):
+    """Claim 2's smoke runs train as four stacks of two (one per recipe and arm); the third is interrupted."""
     calls = []
 
-    def interrupted_on_the_fourth(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return train(*args, **kwargs)
+    def interrupt(_line: str) -> None:
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "train", interrupted_on_the_fourth)
+    def interrupted_on_the_third(configs, *args, **kwargs):
+        calls.append(configs)
+        if len(calls) == 3:  # inside the stack, once its run directories exist
+            kwargs["log"] = interrupt
+        return train_stack(configs, *args, **kwargs)
+
+    monkeypatch.setattr(keeper, "train_stack", interrupted_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         run_benefits([2], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
-    finished = [f for f in run_files(tmp_path) if f.is_file() and json.loads(f.read_text())["status"] != "running"]
-    assert len(finished) == 3
-    monkeypatch.setattr(train_module, "train", train)
+    statuses = [json.loads(f.read_text())["status"] for f in run_files(tmp_path) if f.is_file()]
+    assert [len(c) for c in calls] == [2, 2, 2] and statuses.count("interrupted") == 2
+    assert statuses.count("completed") + statuses.count("diverged") == 4
+    monkeypatch.setattr(keeper, "train_stack", train_stack)
     resumed = run_benefits([2], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
-    assert resumed.trained == len(resumed.runs) - 3
+    assert resumed.trained == len(resumed.runs) - 4
 
 
 def test_a_run_directory_holding_another_config_is_not_reused(tmp_path, small_mnist):
     spec = PAPER_MLP.replace(hidden=(8,), batches=2, eval_every=1, eval_size=16)
     device = torch.device("cpu")
-    first, trained = runs.lab_run(spec, small_mnist, device, tmp_path)
-    again, trained_again = runs.lab_run(spec, small_mnist, device, tmp_path)
-    assert trained and not trained_again and again.history == first.history
+    options = {"data": small_mnist, "device": device, **runs.QUIET}
+    first, how = obtain(spec, tmp_path, **options)
+    again, how_again = obtain(spec, tmp_path, **options)
+    assert (how, how_again) == ("trained", "reused") and again.history == first.history
     other = spec.replace(seed=1)
-    runs.run_dir(tmp_path, spec, device).rename(runs.run_dir(tmp_path, other, device))  # a folder claiming another run
-    assert runs.lab_run(other, small_mnist, device, tmp_path)[1]  # trained anew, not taken from the folder
+    run_dir(tmp_path, spec, device).rename(run_dir(tmp_path, other, device))  # a folder claiming another run
+    assert obtain(other, tmp_path, **options)[1] == "trained"  # trained anew, not taken from the folder
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from bnlab.errors import UsageError
 from bnlab.lab import rnn
 from bnlab.lstm import PERMUTATION_SEED, SequenceClassifier, parameter_count, pixel_permutation
 from bnlab.models import build_network
-from bnlab.training import load_model
+from bnlab.training import load_model, obtain, run_dir
 
 
 def lstm_config(**changes) -> TrainConfig:
@@ -141,7 +141,7 @@ def test_rnn_command_writes_its_report_and_reuses_finished_runs(tiny_data, tmp_p
     assert [r["model"] for r in csv.DictReader((out / "results.csv").open())] == ["LSTM", "BN-LSTM"]
     assert "BN-LSTM" in (out / "report.md").read_text() and "2 trained now" in (out / "report.md").read_text()
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert [name.split("-")[:3] for name in runs] == [["row", "bnlstm", "seed0"], ["row", "lstm", "seed0"]]
+    assert [name.split("-")[:3] for name in runs] == [["lstm", "manual", "seed0"], ["lstm", "none", "seed0"]]
     for name in runs:
         assert {"config.json", "metrics.jsonl", "summary.json", "checkpoint.pt"} <= {
             p.name for p in (out / "runs" / name).iterdir()
@@ -159,27 +159,29 @@ def test_rnn_command_writes_its_report_and_reuses_finished_runs(tiny_data, tmp_p
 def test_an_interrupted_run_resumes_from_its_checkpoint(small_mnist, tmp_path):
     config = rnn.paper_config("row", bn="none", batches=6, eval_every=2, eval_size=32, one_at_a_time=4)
     config = config.replace(checkpoint_every=2, precise_samples=0)
-    whole, kind = rnn.run_arm(config, small_mnist, tmp_path / "whole", device="cpu", log=lambda _: None)
+    whole, kind = obtain(config, tmp_path / "whole", data=small_mnist, log=lambda _: None)
     assert kind == "trained"
 
     def interrupt(_line: str) -> None:  # the first line comes after the last step, as final scores begin
         raise KeyboardInterrupt
 
-    path = tmp_path / "interrupted"
+    store_root = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        rnn.run_arm(config, small_mnist, path, device="cpu", log=interrupt)
+        obtain(config, store_root, data=small_mnist, log=interrupt)
+    path = run_dir(store_root, config, "cpu")
     assert json.loads((path / "summary.json").read_text())["status"] == "interrupted"
-    resumed, kind = rnn.run_arm(config, small_mnist, path, device="cpu", log=lambda _: None)
+    resumed, kind = obtain(config, store_root, data=small_mnist, log=lambda _: None)
     assert kind == "resumed" and resumed.batches_done == 6
     # from batch 4's checkpoint (weights, optimizer, batch order, h_0 noise) to the same end
     assert [h["accuracy"] for h in resumed.history] == [h["accuracy"] for h in whole.history]
     assert resumed.test_accuracy == whole.test_accuracy
-    assert rnn.run_arm(config, small_mnist, path, device="cpu", log=lambda _: None)[1] == "reused"
+    assert obtain(config, store_root, data=small_mnist, log=lambda _: None)[1] == "reused"
+    assert obtain(config, store_root, policy="fresh", data=small_mnist, log=lambda _: None)[1] == "trained"
 
 
 def test_bnlab_check_runs_on_a_bn_lstm_checkpoint(small_mnist, tmp_path):
     config = rnn.paper_config("row", batches=2, eval_every=2, eval_size=32, one_at_a_time=0, precise_samples=0)
-    result, _ = rnn.run_arm(config, small_mnist, tmp_path / "run", device="cpu", log=lambda _: None)
+    result, _ = obtain(config, tmp_path / "runs", data=small_mnist, log=lambda _: None)
     checkpoint = load_model(result.run_dir)
     assert isinstance(checkpoint.model, SequenceClassifier) and not checkpoint.model.training
     assert checkpoint.config == config

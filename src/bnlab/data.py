@@ -221,6 +221,10 @@ class Split:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def head(self, n: int | None) -> Split:
+        """The first ``n`` samples (all for None)."""
+        return self if n is None else Split(self.images[:n], self.labels[:n])
+
     def to(self, device: torch.device | str) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 

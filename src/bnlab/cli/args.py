@@ -83,6 +83,19 @@ def fast_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def store_options(p: argparse.ArgumentParser) -> None:
+    """--fresh and --runs: every lab command keeps its runs in a run store (``bnlab.training.runs``)."""
+    p.add_argument("--fresh", action="store_true", help="retrain every run, even where a finished one exists")
+    p.add_argument(
+        "--runs", metavar="DIR", help="the run store to keep runs in (default: OUT/runs); share it between commands"
+    )
+
+
+def store_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The lab functions' ``policy`` and ``runs_dir`` from --fresh and --runs (checked writable now)."""
+    return {"policy": "fresh" if args.fresh else "reuse", "runs_dir": writable_folder(args.runs) if args.runs else None}
+
+
 def threads_option(p: argparse.ArgumentParser) -> None:
     """--threads: torch threads for a long lab command (``apply_threads`` sets them)."""
     p.add_argument("--threads", type=threads_int, help="torch threads (default: torch's; 1 is faster on a busy CPU)")

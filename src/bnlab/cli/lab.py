@@ -17,6 +17,8 @@ from bnlab.cli.args import (
     positive_float,
     positive_int,
     seeds_count,
+    store_arguments,
+    store_options,
     threads_option,
     writable_folder,
 )
@@ -33,7 +35,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         out_dir=writable_folder(args.out),
         data_dir=args.data_dir,
         device=args.device,
-        reuse=not args.fresh,
+        **store_arguments(args),
         log=emit,
         fast=not args.no_fast,
     )
@@ -59,6 +61,7 @@ def cmd_benefits(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         device=args.device,
         log=emit,
+        **store_arguments(args),
     )
     emit("")
     for claim in outcome.claims:
@@ -90,7 +93,7 @@ def cmd_rnn(args: argparse.Namespace) -> int:
         one_at_a_time=args.one_at_a_time,
         precise_samples=args.precise_samples,
         checkpoint_every=args.checkpoint_every,
-        reuse=not args.fresh,
+        **store_arguments(args),
         log=emit,
     )
     emit("")
@@ -115,7 +118,7 @@ def cmd_precise(args: argparse.Namespace) -> int:
         out_dir=writable_folder(args.out),
         data_dir=args.data_dir,
         device=args.device,
-        reuse=not args.fresh,
+        **store_arguments(args),
         log=emit,
     )
     emit("")
@@ -147,7 +150,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seeds", type=seeds_count, default=1, help="seeds 0..N-1 per network (default: 1)")
     p.add_argument("--out", metavar="DIR", default="runs/reproduce", help="output folder (default: runs/reproduce)")
-    p.add_argument("--fresh", action="store_true", help="retrain even where a finished run exists")
+    store_options(p)
     common(p)
     fast_flag(p)
     p.set_defaults(func=cmd_reproduce)
@@ -156,7 +159,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "benefits",
         help="the seven claimed benefits of batch norm, each put to a paired test, with a report",
         description="Run one paired experiment per claim (with and without BN, same initial weights and batches, "
-        "several seeds) and write report.md, report.html, results.json and figures. Finished runs are reused.",
+        "several seeds) and write report.md, report.html, results.json and figures. Finished runs are reused "
+        "(--fresh retrains them).",
     )
     p.add_argument(
         "--claims", type=_claim_list, default=list(CLAIMS), metavar="LIST",
@@ -171,6 +175,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--bn", choices=BN_MODES[1:], default="manual", help="the BN arm: torch or manual (bnlab's; default)"
     )
     p.add_argument("--out", metavar="DIR", default="runs/benefits", help="output folder (default: runs/benefits)")
+    store_options(p)
     common(p)
     p.set_defaults(func=cmd_benefits)
 
@@ -212,7 +217,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     threads_option(p)
     p.add_argument("--out", metavar="DIR", default="runs/rnn", help="output folder (default: runs/rnn)")
-    p.add_argument("--fresh", action="store_true", help="retrain even where a finished run exists")
+    store_options(p)
     common(p)
     p.set_defaults(func=cmd_rnn)
 
@@ -236,6 +241,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     threads_option(p)
     p.add_argument("--out", metavar="DIR", default="runs/precise", help="output folder (default: runs/precise)")
-    p.add_argument("--fresh", action="store_true", help="retrain and rescore even where finished runs exist")
+    store_options(p)
     common(p)
     p.set_defaults(func=cmd_precise)

@@ -82,7 +82,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from bnlab.data import load_mnist
     from bnlab.nn import is_batch_norm
     from bnlab.training import load_model, resolve_device
-    from bnlab.training.runner import precise_copy, score_lines, scores, training_split
+    from bnlab.training.scores import precise_copy, score_lines, scores, training_split
 
     device = resolve_device(args.device)
     checkpoint = load_model(args.checkpoint, device)
@@ -125,7 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_recalibrate(args: argparse.Namespace) -> int:
     from bnlab.data import load_mnist
     from bnlab.training import load_model, resolve_device, store
-    from bnlab.training.runner import precise_copy, score_lines, scores, training_split
+    from bnlab.training.scores import precise_copy, score_lines, scores, training_split
 
     device = resolve_device(args.device)
     checkpoint = load_model(args.checkpoint, device)

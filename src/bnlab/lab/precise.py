@@ -11,9 +11,9 @@ shorter ones: Adam has no schedule, so batch 200 of a 3,000-batch run is a 200-b
 the same seed share initial weights and batches, so the decays are compared pairwise. Each snapshot
 is scored on validation and test with its stored (EMA) statistics and with precise ones; at one
 (decay, length) cell precise statistics are also drawn from each sample count (nested draws, the
-first N of one permutation per seed). Runs live in ``OUT/runs/`` and are reused when finished; the
-scores of a run are cached in ``OUT/analysis/`` and recomputed when the run is retrained or the
-budget's analysis settings change.
+first N of one permutation per seed). Runs live in the run store (``OUT/runs/`` unless given
+another) and are reused when finished; the scores of a run are cached in ``OUT/analysis/`` and
+recomputed when the run is retrained or the budget's analysis settings change.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from bnlab.config import BN_MODES, TrainConfig
 from bnlab.data import MNIST, load_mnist
 from bnlab.errors import UsageError
 from bnlab.fileio import atomic_write_bytes, read_json, write_json
-from bnlab.training import RunResult, load_model, resolve_device, store
-from bnlab.training.runner import head, precise_copy, scores, train_or_reuse, training_split
+from bnlab.training import RunResult, load_model, obtain, resolve_device, run_dir, store
+from bnlab.training.scores import precise_copy, scores, training_split
 
 LABELS = {"torch": "PyTorch BN", "manual": "bnlab BN"}
 SPLITS = ("validation", "test")
@@ -223,11 +223,15 @@ def run_precise(
     data: MNIST | None = None,
     data_dir: str | Path | None = None,
     device: str = "auto",
-    reuse: bool = True,
+    policy: str = "reuse",
+    runs_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
     progress: bool | None = None,
 ) -> PreciseResult:
-    """Train (or reuse) every run of ``budget``, measure its snapshots, and write the report into ``out_dir``."""
+    """Train (or reuse) every run of ``budget``, measure its snapshots, and write the report into ``out_dir``.
+
+    Runs are kept in the run store ``runs_dir`` (default ``OUT/runs``) with ``policy`` ("reuse" or "fresh";
+    fresh runs are scored anew)."""
     if budget not in BUDGETS:
         raise UsageError(f"budget must be one of {', '.join(BUDGETS)}; got {budget!r}")
     if not modes or any(bn not in BN_MODES[1:] for bn in modes):
@@ -237,18 +241,20 @@ def run_precise(
     if not seed_list:
         raise UsageError("the precise panel needs at least one seed")
     out, torch_device = Path(out_dir), resolve_device(device)
+    store_root = out / "runs" if runs_dir is None else Path(runs_dir)
     data = (data if data is not None else load_mnist(data_dir)).to(torch_device)
     jobs = [(bn, m, s) for bn in modes for m in plan.momenta for s in seed_list]
     runs, rows, trained = [], [], 0
     for index, (bn, momentum, seed) in enumerate(jobs, 1):
         config = run_config(plan, bn, momentum, seed)
-        where = out / "runs" / f"{bn}-decay{decay(momentum):g}-seed{seed}-{config.key()}-{torch_device.type}"
-        result, fresh = train_or_reuse(
-            config, data, where, reuse=reuse, device=torch_device, log=lambda _: None, progress=progress,
+        result, how = obtain(
+            config, store_root, policy=policy, data=data, device=torch_device, log=lambda _: None, progress=progress,
             raise_on_divergence=False,
         )  # fmt: skip
+        fresh = how != "reused"
+        where = run_dir(store_root, config, torch_device)
         clock = time.perf_counter()
-        measured, now = measure(plan, result, data, out / "analysis" / f"{where.name}.json", reuse=reuse and not fresh)
+        measured, now = measure(plan, result, data, out / "analysis" / f"{where.name}.json", reuse=not fresh)
         log(
             f"[{index}/{len(jobs)}] {LABELS[bn]}, decay {decay(momentum):g}, seed {seed}: "
             + (f"trained ({result.wall_seconds:.0f} s)" if fresh else "run reused")
@@ -293,7 +299,7 @@ def measure(
                 return stored["rows"], False
         except (OSError, ValueError, AttributeError):  # a damaged cache is measured anew
             pass
-    scored = MNIST(data.train, head(data.validation, budget.score_size), head(data.test, budget.score_size))
+    scored = MNIST(data.train, data.validation.head(budget.score_size), data.test.head(budget.score_size))
     train_split = training_split(config, data)
     clock = {h["batch"]: h["seconds"] for h in result.history}  # training seconds at each length
     base = {"bn": config.bn, "decay": decay(config.bn_momentum), "bn_momentum": config.bn_momentum, "seed": config.seed}

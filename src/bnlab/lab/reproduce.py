@@ -10,8 +10,9 @@ recomputed from 8,192 training images after training (``bnlab.nn.precise``), wha
 The two differ when the running averages lag the weights, which at the notebook's decay of 0.99 and
 Adam's 0.002 happens often enough to move a single run's EMA accuracy by tens of points.
 
-Runs live in ``OUT/seed{S}/{bn}/``; a finished run with the same configuration is reused instead
-of retrained, so an interrupted ``reproduce`` picks up where it stopped.
+Runs live in the run store (``OUT/runs/`` unless given another), one directory per config
+(``bnlab.training.runs``); a finished run with the same configuration is reused instead of retrained, so
+an interrupted ``reproduce`` picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bnlab.config import BN_MODES, TrainConfig
 from bnlab.data import MNIST, load_mnist
 from bnlab.errors import UsageError
 from bnlab.fileio import atomic_write_bytes, write_json
-from bnlab.training import RunResult, resolve_device, train_or_reuse
+from bnlab.training import RunResult, obtain, resolve_device
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,17 @@ def reproduce(
     data_dir: str | Path | None = None,
     device: str = "auto",
     modes: Sequence[str] = BN_MODES,
-    reuse: bool = True,
+    policy: str = "reuse",
+    runs_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
     progress: bool | None = None,
     fast: bool = True,
 ) -> ReproduceResult:
-    """Train every mode for every seed at the notebook's settings; write the table and plot."""
+    """Train every mode for every seed at the notebook's settings; write the table and plot.
+
+    Runs are kept in the run store ``runs_dir`` (default ``OUT/runs``) by ``bnlab.training.obtain`` with
+    ``policy`` ("reuse" finished runs, or "fresh").
+    """
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise UsageError("reproduce needs at least one seed")
@@ -96,6 +102,7 @@ def reproduce(
         if bn not in BN_MODES:
             raise UsageError(f"unknown bn mode {bn!r}; choose from {', '.join(BN_MODES)}")
     out = Path(out_dir)
+    store = out / "runs" if runs_dir is None else Path(runs_dir)
     torch_device = resolve_device(device)
     data = data if data is not None else load_mnist(data_dir)
     results: dict[str, list[RunResult]] = {bn: [] for bn in modes}
@@ -104,13 +111,11 @@ def reproduce(
         for bn in modes:
             done += 1
             config = TrainConfig(bn=bn, seed=seed)
-            run_dir = out / f"seed{seed}" / bn
             log(f"[{done}/{total}] {LABELS[bn]}, seed {seed}")
-            # an interrupted or outdated run in run_dir is redone from the start
-            result, fresh = train_or_reuse(
-                config, data, run_dir, reuse=reuse, device=torch_device, log=log, progress=progress, fast=fast
+            result, how = obtain(
+                config, store, policy=policy, data=data, device=torch_device, log=log, progress=progress, fast=fast
             )
-            log(f"    wall time {result.wall_seconds:.1f} s" if fresh else f"    reusing the finished run in {run_dir}")
+            log(f"    {how}: {result.run_dir} (wall time {result.wall_seconds:.1f} s)")
             results[bn].append(result)
     outcome = ReproduceResult(results, out)
     write_reproduce_report(outcome)

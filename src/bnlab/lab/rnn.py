@@ -14,8 +14,8 @@ classified one at a time in eval mode (a sequence alone: population statistics p
 the running statistics (EMA) and, for the BN-LSTM, with precise ones recomputed from
 ``precise_samples`` training images.
 
-Runs live in the run store ``OUT/runs/``, one directory per config (task, model, seed, config hash,
-device type), each with config, metrics, checkpoints and summary. A finished run is reused; an
+Runs live in the run store (``OUT/runs/`` unless given another), one directory per config
+(``bnlab.training.runs``), each with config, metrics, checkpoints and summary. A finished run is reused; an
 interrupted one resumes from its latest checkpoint (written every ``checkpoint_every`` batches).
 The report: table.md, report.md, results.csv, results.json and validation_accuracy.png in OUT.
 """
@@ -28,15 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bnlab import reports
 from bnlab.config import MAX_BATCHES, TASKS, TrainConfig, check_choice
 from bnlab.data import MNIST, load_mnist
-from bnlab.errors import CheckpointError, UsageError
+from bnlab.errors import UsageError
 from bnlab.fileio import atomic_write_bytes, write_json
+from bnlab.lab.curves import best, curve, first_reaching
 from bnlab.reports import spread_cell, summarize
-from bnlab.training import RunResult, load_run, resolve_device, store, train
+from bnlab.training import RunResult, obtain, resolve_device, run_dir, store
 
 ARMS = {"none": "LSTM", "manual": "BN-LSTM"}  # bn -> the model's name
 TASK_NAMES = {
@@ -87,41 +86,6 @@ def paper_config(
     )
 
 
-def run_dir(root: Path, config: TrainConfig, device: torch.device) -> Path:
-    """A run's directory in the store: readable names, and the config hash so another budget is another run.
-    The device type too: timings from a GPU are not reused for a CPU report."""
-    name = ARMS[config.bn].lower().replace("-", "")
-    return root / f"{config.task}-{name}-seed{config.seed}-{config.key()}-{device.type}"
-
-
-def _resumable(path: Path, config: TrainConfig) -> bool:
-    """Whether ``path`` holds an unfinished run of ``config`` with a checkpoint to continue from."""
-    if not (path / store.CHECKPOINT).is_file():
-        return False
-    try:
-        return store.read_config(path) == config and store.read_summary(path).get("status") not in store.FINISHED
-    except CheckpointError:
-        return False
-
-
-def run_arm(
-    config: TrainConfig, data: MNIST, path: Path, *, reuse: bool = True, **options: Any
-) -> tuple[RunResult, str]:
-    """(the run of ``config`` in ``path``, "reused" | "resumed" | "trained"). ``options`` go to ``train``.
-
-    Without ``reuse`` anything in ``path`` is replaced by a new run. A diverged run is a result (recorded,
-    reused), never an exception.
-    """
-    options |= {"raise_on_divergence": False}
-    if reuse:
-        previous = load_run(path, config)
-        if previous is not None:
-            return previous, "reused"
-        if _resumable(path, config):
-            return train(config, data, run_dir=path, resume=True, **options), "resumed"
-    return train(config, data, run_dir=path, replace=True, **options), "trained"
-
-
 def _precise(result: RunResult, key: str) -> float | None:
     return result.precise.get(key) if result.precise else None
 
@@ -133,7 +97,7 @@ def _train_seconds(result: RunResult) -> float:
 
 def _reaching(result: RunResult, accuracy: float) -> int | None:
     """The first evaluated batch at which validation accuracy reached ``accuracy``; None if it never did."""
-    point = result.first_reaching(accuracy) if result.points else None
+    point = first_reaching(result, accuracy) if result.history else None
     return None if point is None else int(point["batch"])
 
 
@@ -145,6 +109,7 @@ class RnnResult:
     runs: dict[str, list[RunResult]]
     out_dir: Path
     how: dict[str, int]  # runs reused, resumed and trained now
+    runs_dir: Path  # the run store they are kept in
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per model: budget used, speed, final accuracies (spread over seeds), convergence, the paper's."""
@@ -160,7 +125,7 @@ class RnnResult:
             for key in ("validation_accuracy", "test_accuracy", "one_at_a_time_accuracy"):
                 row[key] = summarize([getattr(r, key) for r in results])
                 row[f"precise_{key}"] = summarize([_precise(r, key) for r in results])
-            row["best_eval_accuracy"] = summarize([r.best() for r in results if r.points])
+            row["best_eval_accuracy"] = summarize([best(r) for r in results if r.history])
             for threshold in THRESHOLDS:
                 reached = [_reaching(r, threshold) for r in results]
                 row[f"batches_to_{threshold:g}"] = summarize(reached)
@@ -199,7 +164,8 @@ def run_rnn(
     one_at_a_time: int = 100,
     precise_samples: int = 8192,
     checkpoint_every: int = 200,
-    reuse: bool = True,
+    policy: str = "reuse",
+    runs_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
     progress: bool | None = None,
 ) -> RnnResult:
@@ -225,19 +191,22 @@ def run_rnn(
     )
     configs = {(bn, seed): paper_config(task, bn=bn, seed=seed, **settings) for seed in seed_list for bn in ARMS}
     out, torch_device = Path(out_dir), resolve_device(device)
+    store_root = out / "runs" if runs_dir is None else Path(runs_dir)
     data = data if data is not None else load_mnist(data_dir)
     runs: dict[str, list[RunResult]] = {bn: [] for bn in ARMS}
     how = {"reused": 0, "resumed": 0, "trained": 0}
     for done, ((bn, seed), config) in enumerate(configs.items(), 1):
-        path = run_dir(out / "runs", config, torch_device)
-        log(f"[{done}/{len(configs)}] {ARMS[bn]}, {task}, seed {seed}: {path}")
+        log(f"[{done}/{len(configs)}] {ARMS[bn]}, {task}, seed {seed}: {run_dir(store_root, config, torch_device)}")
         started = time.perf_counter()
-        result, kind = run_arm(config, data, path, reuse=reuse, device=torch_device, log=log, progress=progress)
+        result, kind = obtain(  # a diverged run is a result (recorded, reused), never an exception
+            config, store_root, policy=policy, data=data, device=torch_device, log=log, progress=progress,
+            raise_on_divergence=False,
+        )  # fmt: skip
         how[kind] += 1
         took = "" if kind == "reused" else f", {time.perf_counter() - started:.0f} s"
         log(f"    {kind}: {_run_line(result)}{took}")
         runs[bn].append(result)
-    outcome = RnnResult(task, runs, out, how)
+    outcome = RnnResult(task, runs, out, how, store_root)
     write_rnn_report(outcome)
     return outcome
 
@@ -329,8 +298,8 @@ FIGURE = "validation_accuracy.png"
 
 def plot_rnn(outcome: RnnResult, path: Path) -> None:
     """Validation accuracy against batches (mean and min-max band over seeds) and against training time (per run)."""
-    by_batch = {ARMS[bn]: [r.curve("val_accuracy") for r in rs] for bn, rs in outcome.runs.items()}
-    by_time = {ARMS[bn]: [r.curve("val_accuracy", "seconds") for r in rs] for bn, rs in outcome.runs.items()}
+    by_batch = {ARMS[bn]: [curve(r, "val_accuracy") for r in rs] for bn, rs in outcome.runs.items()}
+    by_time = {ARMS[bn]: [curve(r, "val_accuracy", "seconds") for r in rs] for bn, rs in outcome.runs.items()}
     ylabel, seconds = "validation accuracy", "training seconds (evaluation excluded)"
     panels = [
         reports.Panel("against batches", "batch", ylabel, by_batch),
@@ -376,7 +345,7 @@ def write_rnn_report(outcome: RnnResult) -> None:
         reports.Image(FIGURE, f"Validation accuracy ({TASK_NAMES[outcome.task]})"),
         reports.Text(
             f"Runs: {outcome.how['trained']} trained now, {outcome.how['resumed']} resumed, "
-            f"{outcome.how['reused']} reused, in `{out / 'runs'}`."
+            f"{outcome.how['reused']} reused, in `{outcome.runs_dir}`."
         ),
     ]
     atomic_write_bytes(out / "report.md", reports.render_markdown(blocks).encode())

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from bnlab.nn import (
+    batching,  # noqa: F401 (registers their vmap rules)
     ops,  # noqa: F401 (registers the bnlab:: operators called below)
     statistics,
     sync,

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +30,7 @@ from bnlab.training.evaluate import loss_fn
 
 if TYPE_CHECKING:
     from bnlab.training.distributed import World
+    from bnlab.training.stack import NetworkStack, StackOptimizer
 
 
 @dataclass
@@ -114,6 +116,62 @@ def fit(
         if world is not None:  # a hook's stop (rank 0's evaluation) reaches every process
             state.stop = world.agree(state.stop)
     return state
+
+
+def fit_stack(
+    stack: NetworkStack,
+    optimizer: StackOptimizer,
+    states: Sequence[LoopState],
+    batches: Sequence[Iterator[tuple[Tensor, Tensor]]],
+    *,
+    steps: int,
+    loss: str,
+    hooks: Sequence[Sequence[Hook]],
+) -> None:
+    """``fit`` for the members of a stack (``stack.py``): one step for all at once, everything else per member.
+
+    ``states[m]``, ``batches[m]`` and ``hooks[m]`` are member m's own: its module and position, its batch
+    stream (exactly its sequential run's), its evaluations and records. Each step draws every member's
+    batch, runs one stacked forward and takes every member's loss; a member whose loss is NaN or
+    infinite stops there as diverged (``stop`` and ``message`` as ``fit`` sets them), the others' summed
+    losses go backward, and one optimizer step updates the members still training. Then each of those
+    members' hooks see its state; a hook's stop ends that member alone. A member's ``clock`` is its share
+    of the stack's training time (the step's time over the members it trained).
+    """
+    for member_hooks, state in zip(hooks, states, strict=True):
+        for hook in member_hooks:
+            hook.start(state)
+    stack.train()
+    while True:
+        training = [m for m, state in enumerate(states) if state.step < steps and state.stop is None]
+        if not training:
+            return
+        drawn = [next(stream) for stream in batches]
+        images, labels = torch.stack([x for x, _ in drawn]), torch.stack([y for _, y in drawn])
+        start = time.perf_counter()
+        losses = torch.vmap(partial(loss_fn, loss))(stack(images), labels)
+        values = losses.tolist()
+        for m in training:
+            if not math.isfinite(values[m]):
+                states[m].stop, states[m].message = "diverged", f"loss became {values[m]} at batch {states[m].step}"
+        training = [m for m in training if states[m].stop is None]
+        if not training:
+            return
+        active = torch.zeros(len(states), dtype=torch.bool)
+        active[training] = True
+        optimizer.zero_grad()
+        torch.where(active.to(losses.device), losses, 0).sum().backward()  # where: a NaN loss sends no gradient
+        optimizer.step(active)
+        if any(p.is_cuda for p in stack.parameters()):
+            torch.cuda.synchronize()
+        share = (time.perf_counter() - start) / len(training)
+        for m in training:
+            state = states[m]
+            state.clock += share
+            state.step += 1
+            state.loss, state.images, state.labels = values[m], drawn[m][0], drawn[m][1]
+            for hook in hooks[m]:
+                hook.after_step(state)
 
 
 def make_optimizer(name: str, parameters: Sequence[nn.Parameter], lr: float, momentum: float = 0.0, fast: bool = True):

@@ -9,7 +9,7 @@ run again), and writes a report with a verdict per claim, computed by the rule i
 
 The package, from the bottom up:
 
-- ``runs``: ``lab_run`` and ``compare``: one run, or one pair, trained (or reused) by the training core.
+- ``runs``: ``compare``: one pair trained by the training core (the lab keeps its runs in a run store).
 - ``budgets``: how much of each experiment to run (smoke, quick, full).
 - ``arms``: the two arms' names and ``Lab``, which trains every network in both.
 - ``verdicts``: ``Comparison`` (one quantity, seed by seed), ``verdict`` and the margins.
@@ -46,9 +46,10 @@ from bnlab.lab.benefits.arms import PLAIN, WITH_BN, Lab
 from bnlab.lab.benefits.budgets import BUDGETS, Budget
 from bnlab.lab.benefits.evidence import ClaimResult, Experiment
 from bnlab.lab.benefits.report import BenefitsResult, report_blocks, write_report
-from bnlab.lab.benefits.runs import Pair, compare, lab_run
+from bnlab.lab.benefits.runs import QUIET, Pair, compare
 from bnlab.lab.benefits.verdicts import VERDICTS, Comparison, verdict
 from bnlab.training import RunResult, resolve_device
+from bnlab.training.runs import obtain_many
 
 __all__ = [
     "BUDGETS",
@@ -114,8 +115,14 @@ def run_benefits(
     device: str = "auto",
     log: Callable[[str], None] = print,
     progress: bool | None = None,
+    policy: str = "reuse",
+    runs_dir: str | Path | None = None,
 ) -> BenefitsResult:
-    """Run (or reuse) every run the chosen claims need, then write the report into ``out_dir``."""
+    """Run (or reuse) every run the chosen claims need, then write the report into ``out_dir``.
+
+    Runs are kept in the run store ``runs_dir`` (default ``OUT/runs``) with ``policy`` ("reuse" finished runs,
+    or "fresh"); the ones to train that share a structure train as stacks (``bnlab.training.stack``).
+    """
     start = time.perf_counter()
     check_choice("budget", budget, list(BUDGETS))
     check_choice("bn", bn, BN_MODES[1:])
@@ -129,7 +136,7 @@ def run_benefits(
     torch_device = resolve_device(device)
     data = (data if data is not None else load_mnist(data_dir)).to(torch_device)
     out = Path(out_dir)
-    store = out / "runs"
+    store = out / "runs" if runs_dir is None else Path(runs_dir)
 
     jobs: dict[TrainConfig, int] = {}  # each job once, with the first claim that needs it
     for experiment in experiments:
@@ -139,15 +146,16 @@ def run_benefits(
         f"bnlab benefits: claims {', '.join(str(e.number) for e in experiments)}, budget {plan.name} "
         f"({plan.runtime}), {len(lab.seeds)} seed(s), {len(jobs)} runs in {store}"
     )
-    done: dict[TrainConfig, RunResult] = {}
-    trained = 0
     enabled = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=len(jobs), unit="run", desc="benefits", disable=not enabled, file=sys.stderr) as bar:
-        for job, number in jobs.items():
-            bar.set_postfix_str(f"claim {number}: {describe_job(job)}", refresh=True)
-            done[job], new = lab_run(job, data, torch_device, store)
-            trained += new
+
+        def finished(job: TrainConfig, result: RunResult, how: str) -> None:
+            bar.set_postfix_str(f"claim {jobs[job]}: {describe_job(job)}", refresh=False)
             bar.update()
+
+        obtained = obtain_many(list(jobs), store, policy=policy, data=data, device=torch_device, done=finished, **QUIET)
+    done = {job: result for job, (result, _) in obtained.items()}
+    trained = sum(how != "reused" for _, how in obtained.values())
     log(f"trained {trained} runs, reused {len(jobs) - trained}")
 
     def lookup(spec: TrainConfig, norm: str) -> list[RunResult]:

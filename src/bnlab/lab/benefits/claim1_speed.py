@@ -21,6 +21,7 @@ from bnlab.lab.benefits.evidence import (
 )
 from bnlab.lab.benefits.networks import NOTEBOOK_CONVNET, PAPER_MLP, RECIPES, conv_eval_images
 from bnlab.lab.benefits.verdicts import SPEEDUP_MARGIN, Comparison
+from bnlab.lab.curves import first_reaching
 from bnlab.training import RunResult
 
 CLAIM = Claim(
@@ -137,7 +138,7 @@ def analyse(lab: Lab, setups: dict[str, TrainConfig], get: Lookup, out: Path) ->
 
 def time_to(run: RunResult, accuracy: float, clock: str) -> float:
     """Batches (``clock="batch"``) or training seconds until ``run`` first reached ``accuracy``; inf if never."""
-    point = run.first_reaching(accuracy)
+    point = first_reaching(run, accuracy)
     return point[clock] if point is not None else math.inf
 
 

@@ -19,7 +19,7 @@ from bnlab.lab.benefits.sweeps import (
     usable_headline,
 )
 from bnlab.lab.benefits.verdicts import Comparison
-from bnlab.training import RunResult
+from bnlab.lab.curves import final
 
 CLAIM = Claim(2, "Higher learning rates", "Higher learning rates become usable.")
 
@@ -44,7 +44,7 @@ def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path) -> ClaimResult:
             Comparison.of_arms(f"largest usable learning rate, {recipe}", largest, kind="ratio", margin=1.0)
         )
         heads.append(usable_headline(recipe, largest))
-        rows += rows_by_value(recipe, [f"{lr:g}" for lr in lrs], at, RunResult.final)
+        rows += rows_by_value(recipe, [f"{lr:g}" for lr in lrs], at, final)
         panels.append(sweep_panel(f"{recipe}: final accuracy by learning rate", "learning rate", lrs, at, logx=True))
     return ClaimResult(
         CLAIM,

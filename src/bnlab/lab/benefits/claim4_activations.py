@@ -29,6 +29,7 @@ from bnlab.lab.benefits.sweeps import (
     usable_headline,
 )
 from bnlab.lab.benefits.verdicts import DEAD_MARGIN, Comparison
+from bnlab.lab.curves import points
 
 CLAIM = Claim(
     4,
@@ -57,7 +58,7 @@ def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path) -> ClaimResult:
             sweep_panel(f"{recipe}: final accuracy by activation", "activation", range(len(acts)), at, categories=acts)
         )
         relu = {arm: per_act[acts.index("relu")] for arm, per_act in at.items()}
-        dead = {arm: [r.points[-1]["dead_relu"] for r in relu_runs] for arm, relu_runs in relu.items()}
+        dead = {arm: [points(r)[-1]["dead_relu"] for r in relu_runs] for arm, relu_runs in relu.items()}
         comparisons.append(
             Comparison.of_arms(
                 f"dead ReLU units at the end, {recipe}", dead, higher_is_better=False, margin=DEAD_MARGIN

@@ -23,6 +23,7 @@ from bnlab.lab.benefits.evidence import (
 from bnlab.lab.benefits.networks import PAPER_MLP, RECIPES, RECIPES_TEXT
 from bnlab.lab.benefits.sweeps import Sweep
 from bnlab.lab.benefits.verdicts import ACCURACY_MARGIN, Comparison
+from bnlab.lab.curves import final, points
 from bnlab.training import RunResult
 
 CLAIM = Claim(6, "Regularisation", "It regularises a little (sometimes as well as dropout).")
@@ -47,7 +48,7 @@ def experiment(lab: Lab) -> Experiment:
 
 def gap(run: RunResult) -> float | None:
     """Training minus validation accuracy at the end; none for a diverged run."""
-    return None if run.diverged else run.points[-1]["train_accuracy"] - run.points[-1]["val_accuracy"]
+    return None if run.diverged else points(run)[-1]["train_accuracy"] - points(run)[-1]["val_accuracy"]
 
 
 def per_seed(values: list[float | None]) -> tuple[float, ...]:
@@ -62,12 +63,12 @@ def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path) -> ClaimResult:
         (neither, dropout), (bn, both) = at[PLAIN], at[WITH_BN]  # each arm without dropout, then with it
         nets = {"neither": neither, WITH_BN: bn, "dropout": dropout, f"{WITH_BN} + dropout": both}
         gaps = {name: [gap(r) for r in rs] for name, rs in nets.items()}
-        val = {name: [r.final() for r in rs] for name, rs in nets.items()}
+        val = {name: [final(r) for r in rs] for name, rs in nets.items()}
         rows += [
             (
                 recipe,
                 name,
-                spread_text([r.final("train_accuracy") for r in rs]),
+                spread_text([final(r, "train_accuracy") for r in rs]),
                 spread_text(val[name]),
                 spread_text(gaps[name]),
             )
@@ -101,7 +102,7 @@ def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path) -> ClaimResult:
             f"({mean_text(gaps['dropout'], 3)} with dropout)"
         )
         gap_curves = {
-            name: [[(p["batch"], p["train_accuracy"] - p["val_accuracy"]) for p in r.points] for r in rs]
+            name: [[(p["batch"], p["train_accuracy"] - p["val_accuracy"]) for p in points(r)] for r in rs]
             for name, rs in nets.items()
         }
         panels += [

@@ -22,7 +22,7 @@ from bnlab.lab.benefits.evidence import (
 from bnlab.lab.benefits.networks import NOTEBOOK_CONVNET, PAPER_MLP, conv_eval_images
 from bnlab.lab.benefits.sweeps import Sweep, rows_by_value
 from bnlab.lab.benefits.verdicts import ACCURACY_MARGIN, Comparison
-from bnlab.training import RunResult
+from bnlab.lab.curves import best
 
 CLAIM = Claim(7, "Better results", "It may give better results overall.")
 
@@ -49,23 +49,23 @@ def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path) -> ClaimResult:
     for name, at in sweep.runs(lab, get).items():
         seconds = sweep.specs[name][0].seconds
         chosen = {  # per seed, the run at the learning rate that did best
-            arm: [max((runs[i] for runs in per_lr), key=RunResult.best) for i in range(len(lab.seeds))]
+            arm: [max((runs[i] for runs in per_lr), key=best) for i in range(len(lab.seeds))]
             for arm, per_lr in at.items()
         }
-        best = {arm: [r.best() for r in runs] for arm, runs in chosen.items()}
+        scores = {arm: [best(r) for r in runs] for arm, runs in chosen.items()}
         comparisons.append(
             Comparison.of_arms(
-                f"{name}: best validation accuracy in {seconds:g} s of training", best, margin=ACCURACY_MARGIN
+                f"{name}: best validation accuracy in {seconds:g} s of training", scores, margin=ACCURACY_MARGIN
             )
         )
-        heads.append(f"{name} {mean_text(best[WITH_BN])} with BN vs {mean_text(best[PLAIN])} without")
-        rows += rows_by_value(name, [f"{lr:g}" for lr in budget.best_lrs], at, RunResult.best)
+        heads.append(f"{name} {mean_text(scores[WITH_BN])} with BN vs {mean_text(scores[PLAIN])} without")
+        rows += rows_by_value(name, [f"{lr:g}" for lr in budget.best_lrs], at, best)
         choice_rows += [
             (
                 name,
                 arm,
                 range_text([r.config.lr for r in runs]),
-                spread_text(best[arm]),
+                spread_text(scores[arm]),
                 spread_text([float(r.batches_done) for r in runs], 0),
                 spread_text([r.seconds_per_batch * 1000 for r in runs], 2),
             )
@@ -76,7 +76,7 @@ def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path) -> ClaimResult:
                 f"{name}: at each arm's best learning rate",
                 chosen,
                 x="seconds",
-                ylim=accuracy_ylim(best[WITH_BN] + best[PLAIN]),
+                ylim=accuracy_ylim(scores[WITH_BN] + scores[PLAIN]),
             )
         )
     return ClaimResult(

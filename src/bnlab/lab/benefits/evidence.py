@@ -14,6 +14,7 @@ from bnlab import reports
 from bnlab.config import TrainConfig
 from bnlab.lab.benefits.arms import Lookup
 from bnlab.lab.benefits.verdicts import Comparison, verdict
+from bnlab.lab.curves import curve
 from bnlab.training import RunResult
 
 
@@ -141,5 +142,5 @@ def curve_panel(
     """One curve per label (mean and band over its runs; one line per run when x is time)."""
     xlabel = {"batch": "batch", "seconds": "training seconds"}[x]
     ylabel = {"val_accuracy": "validation accuracy", "dead_relu": "fraction of dead ReLU units"}[y]
-    series = {label: [r.curve(y, x) for r in rs] for label, rs in runs_by_label.items()}
+    series = {label: [curve(r, y, x) for r in rs] for label, rs in runs_by_label.items()}
     return reports.Panel(title, xlabel, ylabel, series, per_run=x == "seconds", **kwargs)

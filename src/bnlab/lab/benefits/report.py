@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bnlab import reports
 from bnlab.config import TrainConfig
 from bnlab.data import VALIDATION_SIZE
@@ -18,9 +16,9 @@ from bnlab.lab.benefits.arms import WITH_BN
 from bnlab.lab.benefits.budgets import Budget
 from bnlab.lab.benefits.evidence import ClaimResult
 from bnlab.lab.benefits.networks import PAPER_MLP
-from bnlab.lab.benefits.runs import run_dir
 from bnlab.lab.benefits.sweeps import USABLE_ACCURACY
 from bnlab.lab.benefits.verdicts import ACCURACY_MARGIN, DEAD_MARGIN, SPEEDUP_MARGIN, Comparison
+from bnlab.lab.curves import final
 from bnlab.training import RunResult
 from bnlab.training.store import finite_or_none
 
@@ -47,7 +45,6 @@ class BenefitsResult:
         return sorted({run.threads for run in self.runs.values()})
 
     def to_dict(self) -> dict[str, Any]:
-        device = torch.device(self.device)
         return {
             "budget": self.budget.name,
             "seeds": list(self.seeds),
@@ -60,14 +57,14 @@ class BenefitsResult:
             "claims": [c.to_dict() for c in self.claims],
             "runs": [
                 {
-                    "run_dir": run_dir(self.out_dir / "runs", job, device).name,
+                    "run_dir": run.run_dir.name if run.run_dir else None,
                     "config": job.to_dict(),
                     "bn": job.bn,
                     "seed": job.seed,
                     "status": run.status,
                     "batches": run.batches_done,
                     "train_seconds": round(run.train_seconds, 3),
-                    "final_val_accuracy": run.final(),
+                    "final_val_accuracy": final(run),
                 }
                 for job, run in self.runs.items()
             ],

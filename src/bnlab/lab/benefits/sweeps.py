@@ -12,6 +12,7 @@ from bnlab.config import TrainConfig
 from bnlab.lab.benefits.arms import ARMS, PLAIN, WITH_BN, Lab, Lookup, SweepRuns
 from bnlab.lab.benefits.evidence import range_text, spread_text
 from bnlab.lab.benefits.networks import RECIPES
+from bnlab.lab.curves import final
 from bnlab.training import RunResult
 
 USABLE_ACCURACY = 0.90  # a run is usable when it does not diverge and ends at or above this
@@ -56,8 +57,8 @@ class Sweep:
 
 
 def usable(run: RunResult) -> bool:
-    final = run.final()
-    return final is not None and final >= USABLE_ACCURACY
+    value = final(run)
+    return value is not None and value >= USABLE_ACCURACY
 
 
 def count_usable(per_value: list[list[RunResult]]) -> list[float]:
@@ -91,7 +92,7 @@ def rows_by_value(
 def final_accuracy_by_recipe(labels: Sequence[str], runs: Mapping[str, SweepRuns]) -> list[tuple[str, ...]]:
     """One row per swept value, one column per recipe and arm (``RECIPE_HEADERS``): final validation accuracy."""
     return [
-        (label, *(spread_text([r.final() for r in runs[recipe][arm][i]]) for recipe in runs for arm in ARMS))
+        (label, *(spread_text([final(r) for r in runs[recipe][arm][i]]) for recipe in runs for arm in ARMS))
         for i, label in enumerate(labels)
     ]
 
@@ -104,7 +105,7 @@ def sweep_panel(
     for label, per_x in runs_at.items():
         seeds = range(len(per_x[0]))
         series[label] = [
-            [(x, rs[i].final()) for x, rs in zip(xs, per_x, strict=True) if not rs[i].diverged] for i in seeds
+            [(x, final(rs[i])) for x, rs in zip(xs, per_x, strict=True) if not rs[i].diverged] for i in seeds
         ]
         marks[label] = [(x, 0.0) for x, rs in zip(xs, per_x, strict=True) for r in rs if r.diverged]
     return reports.Panel(

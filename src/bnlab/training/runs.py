@@ -1,0 +1,173 @@
+"""The run keeper: the one way a config's run is found, reused, resumed or trained in a run store.
+
+    result, how = obtain(config, root, data=data, device=device)            # how: reused | resumed | trained
+
+A *store* is a folder of run directories, one per config and device type, named by ``run_dir``:
+``{model}-{bn}-seed{S}-{config key}-{device}``, e.g. ``mlp-manual-seed0-1f667e248789-cpu``. The key hashes
+the whole config, so another budget, learning rate or cadence is another run; the device type is in the
+name because a run's numbers are those of the device it trained on. Every lab command (reproduce,
+precise, rnn, benefits) keeps its runs here, so the same config, given the same store, is the same run
+whichever command asks for it.
+
+Policies (``POLICIES``):
+- ``"reuse"`` (the default): a finished run of the config (completed or diverged: both are results) is
+  read back; an unfinished one with a resumable checkpoint continues from it; anything else (nothing
+  there, an unfinished run without a checkpoint, a damaged or foreign directory) is replaced by a new run.
+- ``"fresh"``: a new run replaces whatever the directory holds (every lab command's ``--fresh``).
+
+A directory is only ever replaced if it holds nothing but a bnlab run's files (``store.RunDir.create``),
+under its lock, so a user's own files and a concurrent writer are never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnlab.config import TrainConfig
+from bnlab.data import MNIST
+from bnlab.errors import CheckpointError, UsageError
+from bnlab.training import store
+from bnlab.training.result import RunResult
+from bnlab.training.runner import train, train_stack
+from bnlab.training.stack import stackable, structure
+
+__all__ = ["POLICIES", "load_run", "obtain", "obtain_many", "run_dir"]
+
+POLICIES = ("reuse", "fresh")
+MAX_STACK = 32  # runs per stack (see benchmarks/stack_speed.py for how the speed per run grows with it)
+
+
+def run_dir(root: str | Path, config: TrainConfig, device: torch.device | str) -> Path:
+    """The directory of ``config``'s run on ``device`` in the store ``root``."""
+    return Path(root) / f"{config.model}-{config.bn}-seed{config.seed}-{config.key()}-{torch.device(device).type}"
+
+
+def check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise UsageError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+
+
+def obtain(
+    config: TrainConfig,
+    root: str | Path,
+    *,
+    policy: str = "reuse",
+    data: MNIST | None = None,
+    device: torch.device | str = "cpu",
+    **options: Any,
+) -> tuple[RunResult, str]:
+    """(``config``'s run in the store ``root``, how it was obtained: "reused", "resumed" or "trained").
+
+    ``options`` go to ``training.train`` (log, progress, fast, checkpoints, raise_on_divergence, ...).
+    """
+    check_policy(policy)
+    path = run_dir(root, config, device)
+    if policy == "reuse":
+        previous = load_run(path, config)
+        if previous is not None:
+            return previous, "reused"
+        if resumable(path, config):
+            return train(config, data, run_dir=path, resume=True, device=device, **options), "resumed"
+    return train(config, data, run_dir=path, replace=True, device=device, **options), "trained"
+
+
+def obtain_many(
+    configs: Sequence[TrainConfig],
+    root: str | Path,
+    *,
+    policy: str = "reuse",
+    data: MNIST | None = None,
+    device: torch.device | str = "cpu",
+    max_stack: int = MAX_STACK,
+    done: Callable[[TrainConfig, RunResult, str], None] = lambda config, result, how: None,
+    **options: Any,
+) -> dict[TrainConfig, tuple[RunResult, str]]:
+    """Every config's run in the store ``root``, as ``obtain`` would give it, with the runs to train that share a
+    structure trained together as stacks of up to ``max_stack`` (``training.train_stack``).
+
+    Runs to resume are stacked only with runs resuming from the same step; runs that cannot be stacked
+    (``stack.stackable``) train one by one. ``done(config, result, how)`` is called as each run is
+    obtained (a stack's members when the stack ends). ``options`` go to ``train`` (and what applies of
+    them to ``train_stack``: log, fast, checkpoints); a diverged run is a result, never an exception.
+    """
+    check_policy(policy)
+    out: dict[TrainConfig, tuple[RunResult, str]] = {}
+    groups: dict[Any, list[TrainConfig]] = {}
+    for config in dict.fromkeys(configs):  # each config once, in order
+        path = run_dir(root, config, device)
+        previous = load_run(path, config) if policy == "reuse" else None
+        if previous is not None:
+            out[config] = (previous, "reused")
+            done(config, previous, "reused")
+            continue
+        step = store.load_checkpoint(path)["step"] if policy == "reuse" and resumable(path, config) else None
+        key = (structure(config), step) if stackable(config) else (config, step)
+        groups.setdefault(key, []).append(config)
+    stack_options = {k: v for k, v in options.items() if k in ("log", "fast", "checkpoints")}
+    for (_, step), group in groups.items():
+        how = "trained" if step is None else "resumed"
+        for start in range(0, len(group), max_stack):
+            members = group[start : start + max_stack]
+            if len(members) == 1:
+                config = members[0]
+                path = run_dir(root, config, device)
+                result = train(
+                    config, data, run_dir=path, resume=step is not None, replace=step is None, device=device,
+                    **{"raise_on_divergence": False, **options},
+                )  # fmt: skip
+                results = [result]
+            else:
+                paths = [run_dir(root, c, device) for c in members]
+                results = train_stack(
+                    members, data, run_dirs=paths, resume=step is not None, replace=step is None, device=device,
+                    **stack_options,
+                )  # fmt: skip
+            for config, result in zip(members, results, strict=True):
+                out[config] = (result, how)
+                done(config, result, how)
+    return {config: out[config] for config in dict.fromkeys(configs)}
+
+
+def resumable(path: Path, config: TrainConfig) -> bool:
+    """Whether ``path`` holds an unfinished run of ``config`` with a checkpoint to continue from."""
+    if not (path / store.CHECKPOINT).is_file():
+        return False
+    try:
+        unfinished = store.read_summary(path).get("status") not in store.FINISHED
+        return unfinished and store.read_config(path) == config and "resume" in store.load_checkpoint(path)
+    except CheckpointError:
+        return False
+
+
+def load_run(run_dir: str | Path, expected: TrainConfig | None = None) -> RunResult | None:
+    """A finished run (completed or diverged) from its directory, or None if it is not finished (or differs)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / store.SUMMARY).is_file() or not (run_dir / store.CONFIG).is_file():
+        return None
+    try:
+        summary = store.read_summary(run_dir)
+        config = store.read_config(run_dir)
+        records = [r for r in store.read_metrics(run_dir / store.METRICS) if r.get("event") == "eval"]
+    except (OSError, ValueError, KeyError, UsageError, store.CheckpointError):
+        return None
+    if summary.get("status") not in store.FINISHED or (expected is not None and config != expected):
+        return None
+    keys = ("batch", "split", "loss", "accuracy", "seconds", "dead_relu")
+    history = [{k: r[k] for k in keys if k in r} for r in records]
+    fields = ("batches_done", "validation_accuracy", "test_accuracy", "one_at_a_time_accuracy", "precise", "message")
+    return RunResult(
+        config=config,
+        status=summary["status"],
+        train_seconds=summary.get("train_seconds", 0.0),
+        wall_seconds=summary.get("wall_seconds", 0.0),
+        history=history,
+        device=summary.get("device", "cpu"),
+        fast=summary.get("fast", True),
+        threads=summary.get("threads", 1),
+        run_dir=run_dir,
+        **{key: summary.get(key) for key in fields},
+    )

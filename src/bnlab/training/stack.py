@@ -1,0 +1,194 @@
+"""Many runs of one network as one computation: M members' parameters and buffers stacked, trained together.
+
+    stack = NetworkStack([build_network(c) for c in configs])      # members of one structure
+    optimizer = StackOptimizer(stack, "adam", lrs=[c.lr for c in configs])
+    logits = stack(images)                                         # images (M, B, ...) -> (M, B, classes)
+
+The members share a structure (the same layers and shapes) and differ in their weights, learning rates
+and data. ``torch.func.stack_module_state`` stacks their tensors along a new dimension 0, and the
+forward pass is ``torch.func.functional_call`` of one template under ``torch.vmap``: every layer runs
+once for all members (a linear layer as one batched matmul, a convolution as one grouped convolution,
+batch norm as one call of the same operator with the members' features side by side:
+``bnlab.nn.batching`` for bnlab's, PyTorch's own rule for ``torch.nn``'s). Gradients come from ordinary
+autograd on the stacked tensors: the members' losses are summed, and each member's gradient is that of
+its own loss, since no computation mixes members.
+
+Each member keeps a module of its own (``stack.members[m]``), built from its config and rebound to views
+of the stacked tensors: it always holds that member's current weights and statistics, so evaluation,
+checkpoints and the run store handle it as any single run (``bnlab.training.evaluate`` on it gives what
+the member's sequential run would give).
+
+The optimizers are the single-run ones, written once over stacked state with a learning rate per member
+(``StackOptimizer``: SGD with momentum, Adam): the same formulas as ``torch.optim``'s, so a member's
+update equals its sequential run's to float rounding. A member that stops (it diverged) keeps its
+weights from then on; the others go on, unaffected.
+
+Why not for every run: dropout (its masks come from the global generator in the order of the
+sequential run, which vmap cannot reproduce), gradient clipping, RMSProp, time budgets and recurrent
+networks are trained one run at a time (``stackable``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from bnlab.config import TrainConfig
+
+__all__ = ["NetworkStack", "StackOptimizer", "stackable", "structure"]
+
+STACKED_OPTIMIZERS = ("sgd", "adam")
+ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}  # the notebook's, as bnlab.training.loop.make_optimizer
+
+
+def stackable(config: TrainConfig) -> bool:
+    """Whether ``config``'s run can train as a member of a stack (see the module docstring for why not)."""
+    return (
+        config.model in ("mlp", "convnet")
+        and config.optimizer in STACKED_OPTIMIZERS
+        and config.dropout == 0
+        and config.clip is None
+        and config.seconds is None
+    )
+
+
+def structure(config: TrainConfig) -> TrainConfig:
+    """What members of one stack share: the config with what may differ between them (seed, so weights and
+    data order; learning rate; initialisation) set to one value. Equal structures train as one stack."""
+    init: str | float = config.init if config.model == "convnet" else "glorot_uniform"
+    return config.replace(seed=0, lr=1.0, init=init)
+
+
+class NetworkStack:
+    """M networks of one structure, their parameters and buffers stacked, run as one computation."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        if not members:
+            raise ValueError("a stack needs at least one member")
+        shapes = {tuple((k, tuple(v.shape)) for k, v in m.state_dict().items()) for m in members}
+        if len(shapes) > 1:
+            raise ValueError("the members of a stack must share one structure (the same tensors and shapes)")
+        self.members = list(members)
+        self.params, self.buffers = stack_module_state(self.members)
+        self.template = copy.deepcopy(self.members[0]).to("meta")
+        for m, module in enumerate(self.members):  # each member's own module: views of its slice of the stack
+            for name, value in self.params.items():
+                module.get_parameter(name).data = value.detach()[m]
+            for name, value in self.buffers.items():
+                owner, _, attribute = name.rpartition(".")
+                module.get_submodule(owner)._buffers[attribute] = value[m]
+        self._forward = vmap(self._one, in_dims=(0, 0, 0), randomness="error")
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def _one(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.template, (params, buffers), (x,))
+
+    def train(self, mode: bool = True) -> NetworkStack:
+        self.template.train(mode)
+        for member in self.members:
+            member.train(mode)
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x (M, B, ...): member m's batch at x[m] -> its outputs at [m]."""
+        return self._forward(self.params, self.buffers, x)
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.params.values())
+
+
+class StackOptimizer:
+    """SGD (with momentum) or Adam for a stack: ``torch.optim``'s formulas, a learning rate per member.
+
+    ``step(active)`` updates the members where ``active`` is True; the others keep their weights and
+    state. ``member_state_dict(m)`` is member m's state in ``torch.optim``'s own format (and
+    ``load_member_state_dict`` reads one), so a member's checkpoint resumes in a stack or alone.
+    """
+
+    def __init__(self, stack: NetworkStack, name: str, lrs: Sequence[float], momentum: float = 0.0) -> None:
+        if name not in STACKED_OPTIMIZERS:
+            raise ValueError(f"a stack trains with {' or '.join(STACKED_OPTIMIZERS)}, not {name}")
+        self.stack, self.name, self.momentum = stack, name, momentum
+        self.names = list(stack.params)
+        self.lrs = torch.tensor(list(lrs), dtype=torch.float64)
+        self.steps = 0
+        self.state: dict[str, dict[str, Tensor]] = {}
+        for key, p in stack.params.items():
+            if name == "adam":
+                self.state[key] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            elif momentum:
+                self.state[key] = {"momentum_buffer": torch.zeros_like(p)}
+
+    def zero_grad(self) -> None:
+        for p in self.stack.params.values():
+            p.grad = None
+
+    def _per_member(self, values: Tensor, like: Tensor) -> Tensor:
+        return values.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+
+    @torch.no_grad()
+    def step(self, active: Tensor) -> None:
+        self.steps += 1
+        for key, p in self.stack.params.items():
+            if p.grad is None:
+                continue
+            keep = p.detach().clone() if not bool(active.all()) else None
+            lr = self._per_member(self.lrs, p)
+            if self.name == "sgd":
+                grad = p.grad
+                if self.momentum:
+                    buffer = self.state[key]["momentum_buffer"]
+                    buffer.mul_(self.momentum).add_(grad)  # from zeros: the first step's buffer is the gradient
+                    grad = buffer
+                p.sub_(grad * lr)
+            else:
+                self._adam(p, self.state[key], lr)
+            if keep is not None:  # the stopped members' weights as they were
+                p.copy_(torch.where(self._per_member(active, p).bool(), p, keep))
+
+    def _adam(self, p: Tensor, state: dict[str, Tensor], lr: Tensor) -> None:
+        (beta1, beta2), eps = ADAM["betas"], ADAM["eps"]
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**self.steps
+        bias_correction2_sqrt = math.sqrt(1 - beta2**self.steps)
+        denom = (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(eps)
+        p.sub_(state["exp_avg"] / denom * (lr / bias_correction1))
+
+    def member_state_dict(self, m: int) -> dict[str, Any]:
+        """Member m's optimizer state as ``torch.optim.SGD``/``Adam.state_dict()`` gives it."""
+        state: dict[int, dict[str, Tensor]] = {}
+        for index, key in enumerate(self.names):
+            entry = {k: v[m].clone() for k, v in self.state.get(key, {}).items()}
+            if self.name == "adam":
+                entry["step"] = torch.tensor(float(self.steps))
+            if entry and self.steps:  # as torch.optim: no state before the first step
+                state[index] = entry
+        group: dict[str, Any] = {"lr": float(self.lrs[m]), "params": list(range(len(self.names)))}
+        if self.name == "sgd":
+            group |= {"momentum": self.momentum, "dampening": 0, "weight_decay": 0, "nesterov": False}
+        else:
+            group |= {"betas": ADAM["betas"], "eps": ADAM["eps"], "weight_decay": 0, "amsgrad": False}
+        group |= {"maximize": False, "foreach": None, "differentiable": False, "fused": None}
+        return {"state": state, "param_groups": [group]}
+
+    @torch.no_grad()
+    def load_member_state_dict(self, m: int, saved: dict[str, Any]) -> None:
+        """Member m's state from a ``torch.optim`` state dict (of the same optimizer and parameters)."""
+        for index, key in enumerate(self.names):
+            entry = saved["state"].get(index, {})
+            for name, value in self.state.get(key, {}).items():
+                if name in entry:
+                    value[m].copy_(entry[name])
+                else:
+                    value[m].zero_()
+            if "step" in entry:
+                self.steps = int(entry["step"])
