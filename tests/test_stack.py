@@ -70,7 +70,7 @@ def assert_same_run(stacked, alone) -> None:
         torch.testing.assert_close(got, torch.tensor([h[key] for h in alone.history if key in h]), **TOLERANCE)
     expected = alone.model.state_dict()
     for name, value in stacked.model.state_dict().items():
-        torch.testing.assert_close(value, expected[name], **TOLERANCE, msg=lambda text: f"{name}: {text}")
+        torch.testing.assert_close(value, expected[name], **TOLERANCE, msg=lambda text, name=name: f"{name}: {text}")
 
 
 @pytest.mark.parametrize("kernels_on", [True, False], ids=["kernels", "tensor-ops"])
