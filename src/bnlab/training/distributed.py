@@ -17,7 +17,7 @@ What changes with N processes, and what does not:
 - **Decisions** to stop (a NaN loss, a diverged evaluation on rank 0, a time budget) are agreed
   by all processes after every step (one all_reduce of one number; a second, before the hooks,
   when there is a time budget), so no process waits for a peer that left. A process that dies or
-  is interrupted is not voted on: the elastic agent (or torchrun) ends its peers.
+  is interrupted is not voted on: the launcher (``launch``, or torchrun) ends its peers.
 - **Output**: rank 0 alone evaluates (in eval mode: no collective, so validation cannot hang), logs,
   shows progress and writes the run directory and checkpoints. Resuming reads the run directory
   on every process, so on several machines it must be on a shared file system.
