@@ -221,11 +221,14 @@ def test_the_launcher_names_the_worker_that_failed_first_not_the_peers_that_lost
 
 
 def test_a_gloo_connection_lost_to_a_peer_is_a_peer_failure_and_other_errors_are_not():
-    closed = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1"
-    assert distributed.peer_failed(RuntimeError(closed))
-    assert distributed.peer_failed(dist.DistNetworkError("Connection reset by peer"))
-    assert not distributed.peer_failed(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    assert not distributed.peer_failed(ValueError(closed))
+    closed = (
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:14245. "
+        "This is typically caused by a remote worker crashing."
+    )
+    assert distributed.peer_failure(RuntimeError(closed)) == "Connection closed by peer [127.0.0.1]:14245"
+    assert distributed.peer_failure(dist.DistNetworkError("Connection reset by peer")) == "Connection reset by peer"
+    assert distributed.peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert distributed.peer_failure(ValueError(closed)) is None
 
 
 # --- Signals: a real job on localhost -------------------------------------------------------------

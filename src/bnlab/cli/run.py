@@ -65,14 +65,15 @@ def _train(args: argparse.Namespace) -> int:
             log=emit if main else (lambda _: None), fast=not args.no_fast, world=world,
         )  # fmt: skip
     except Exception as err:
-        if world is None or not distributed.peer_failed(err):
+        broken = distributed.peer_failure(err) if world is not None else None
+        if broken is None:
             raise
         if distributed.launched():
             return distributed.PEER_FAILED  # its launcher names the worker that failed
-        raise BnlabError(
-            f"another process of this job failed, which broke the connection to it ({' '.join(str(err).split())[:200]})"
-            "; that process's own output says why"
-        ) from None
+        failure = f"another process of this job failed, which broke the connection to it ({broken})"
+        if main:
+            store.record_end(out, "failed", failure)
+        raise BnlabError(f"{failure}; that process's own output says why") from None
     if main:
         emit(f"Run written to {out} (wall time {result.wall_seconds:.1f} s)")
         if args.json:

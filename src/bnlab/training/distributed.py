@@ -195,10 +195,13 @@ def from_env(device: torch.device) -> World | None:
     return World(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
 
 
-def peer_failed(err: BaseException) -> bool:
-    """Whether ``err`` is a collective that broke because another process of the group failed (or stopped):
-    gloo's transport lost its connection to the peer ("Connection closed by peer", "Connection reset by peer")."""
-    return isinstance(err, dist.DistNetworkError) or (isinstance(err, RuntimeError) and "gloo/transport" in str(err))
+def peer_failure(err: BaseException) -> str | None:
+    """If ``err`` is a collective that broke because another process of the group failed (or stopped), what
+    broke, in gloo's first sentence ("Connection closed by peer [127.0.0.1]:40541"); None for any other error."""
+    text = " ".join(str(err).split())
+    if not isinstance(err, dist.DistNetworkError) and not (isinstance(err, RuntimeError) and "gloo/transport" in text):
+        return None
+    return re.sub(r"^\[[^\]]*\] *", "", text).split(". ")[0][:200]  # without gloo's source location
 
 
 def launched() -> bool:
