@@ -255,11 +255,23 @@ def _workers(launcher: int) -> list[int]:
     return workers
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str:
+    """The process's state letter (R running, S sleeping, T stopped, Z zombie...); "" once it is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in ("", "Z")
+
+
+def _until(condition: Callable[[], bool], seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
 
 
 @contextlib.contextmanager
@@ -268,7 +280,7 @@ def _job(out: Path, until: Callable[[subprocess.Popen], bool]) -> Iterator[tuple
     args = ["train", "--nproc", "2", "--oversubscribe", "--batches", "100000", "--precise-samples", "0"]
     launcher = subprocess.Popen(
         [sys.executable, "-m", "bnlab.cli", *args, "--device", "cpu", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0,  # a job of a shell
     )  # fmt: skip
     seen: set[int] = set()
     try:
@@ -314,6 +326,11 @@ def _assert_interrupted(launcher: subprocess.Popen, seen: set[int], signum: int)
 def test_interrupting_the_launcher_mid_training_exits_130_with_one_line_and_rank_0_records_it(tmp_path, signum):
     out = tmp_path / "run"
     with _job(out, _training(out)) as (launcher, seen):
+        workers = _workers(launcher.pid)
+        os.kill(launcher.pid, signal.SIGTSTP)  # Ctrl-Z first: the job pauses as one process would, and goes on
+        assert _until(lambda: [_state(pid) for pid in [launcher.pid, *workers]] == ["T"] * 3)
+        os.kill(launcher.pid, signal.SIGCONT)
+        assert _until(lambda: "T" not in [_state(pid) for pid in [launcher.pid, *workers]])
         _assert_interrupted(launcher, seen, signum)
     summary = store.read_summary(out)
     assert summary["status"] == "interrupted", summary

@@ -251,11 +251,12 @@ def launch(nproc: int, entry: Callable[..., int | None], *args: Any) -> int:
     worker that failed first, its peers killed; ``Interrupted`` on SIGINT or SIGTERM (this process's or a
     worker's), after interrupting rank 0 alone so that it records the interruption as a lone process does,
     then killing its peers. Workers run in their own process groups, so a terminal's Ctrl-C reaches this
-    process only, and they end with it even if it is killed. Call it from the main thread.
+    process only (Ctrl-Z is passed on), and they end with it even if it is killed. Call it from the main thread.
     """
     job = _Job()
     blocked = (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.signal(signum, job.signalled) for signum in blocked}
+    previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, job.paused)
     try:
         rendezvous = dist.TCPStore(
             "127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False, timeout=RENDEZVOUS_TIMEOUT
@@ -296,6 +297,20 @@ class _Job:
 
     def signalled(self, signum: int, frame: object) -> None:
         self.signals.append(signum)  # acted on by ``wait`` and ``stop``, never in the middle of them
+
+    def paused(self, signum: int, frame: object) -> None:
+        """Ctrl-Z: the workers, outside the terminal's process group, stop with the launcher and go on with it."""
+        self.send(signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until SIGCONT (fg, bg)
+        signal.signal(signal.SIGTSTP, self.paused)
+        self.send(signal.SIGCONT)
+
+    def send(self, signum: int) -> None:
+        """Send ``signum`` to every worker's process group: the worker and anything it started."""
+        for worker in self.workers:
+            with contextlib.suppress(ProcessLookupError):  # its group is gone: it ended, and left nothing running
+                os.killpg(worker.process.pid, signum)
 
     def start(self, rank: int, nproc: int, port: int, payload: bytes) -> None:
         env = os.environ | {
@@ -348,11 +363,9 @@ class _Job:
             self.poll()
 
     def kill(self) -> None:
-        """Kill every worker's process group (the worker and anything it started) and reap the workers."""
+        """Kill every worker's process group and reap the workers."""
         self.poll()
-        for worker in self.workers:
-            with contextlib.suppress(ProcessLookupError):  # its group is gone: it ended, and left nothing running
-                os.killpg(worker.process.pid, signal.SIGKILL)
+        self.send(signal.SIGKILL)
         for worker in self.workers:
             worker.process.wait()
             assert worker.process.stdin is not None
