@@ -30,14 +30,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bnlab.training import distributed
 
     try:
-        return _train(args)
+        return _train_command(args)
     except KeyboardInterrupt:
         if distributed.launched():
             return distributed.INTERRUPTED  # a worker of --nproc: its launcher says so, once for the job
         raise
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train_command(args: argparse.Namespace) -> int:
     from bnlab.training import distributed, resolve_device, store, train
 
     emit = emitter(args)

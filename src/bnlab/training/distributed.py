@@ -262,12 +262,12 @@ def launch(nproc: int, entry: Callable[..., int | None], *args: Any) -> int:
             "127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False, timeout=RENDEZVOUS_TIMEOUT
         )  # workers join it as clients (TORCHELASTIC_USE_AGENT_STORE), as they do the elastic agent's
         payload = pickle.dumps((entry, args))
-        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
             for rank in range(nproc):
                 job.start(rank, nproc, rendezvous.port, payload)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         job.wait()
         job.stop()
     finally:
