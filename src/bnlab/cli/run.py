@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,21 @@ number_at_least_2 = number(int, 2, 10**8)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from bnlab.training import distributed
+
+    try:
+        return _train_command(args)
+    except KeyboardInterrupt:
+        if distributed.launched():
+            return distributed.INTERRUPTED  # a worker of --nproc: its launcher says so, once for the job
+        raise
+
+
+def _train_command(args: argparse.Namespace) -> int:
     from bnlab.training import distributed, resolve_device, store, train
 
     emit = emitter(args)
+    workers = distributed.workers_to_start(args.nproc, args.oversubscribe)
     if args.resume:
         if not args.out:
             raise UsageError("--resume needs --out, the run directory to continue")
@@ -43,21 +54,26 @@ def cmd_train(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every, precise_samples=args.precise_samples,
         )  # fmt: skip
         out = Path(args.out) if args.out else store.default_run_dir("runs/train", config)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: start the workers, then wait for them
-        emit(f"Training on {args.nproc} processes (gloo on CPU, nccl on CUDA); rank 0 writes {out}")
-        try:
-            distributed.launch(args.nproc, [*_without_nproc(args.argv), "--out", str(out)])
-        except BnlabError as err:
-            hint = f" Its last checkpoint stays valid: `bnlab train --resume --out {out} --nproc {args.nproc}`."
-            raise BnlabError(f"{err}.{hint if args.checkpoint_every or args.resume else ''}") from None
-        return 0
     device = resolve_device(args.device)
+    if workers:
+        return _launch(args, workers, out)
     world = distributed.from_env(device)
     main = world is None or world.is_main
-    result = train(
-        config, run_dir=out, resume=args.resume, data_dir=args.data_dir, device=device,
-        log=emit if main else (lambda _: None), fast=not args.no_fast, world=world,
-    )  # fmt: skip
+    try:
+        result = train(
+            config, run_dir=out, resume=args.resume, data_dir=args.data_dir, device=device,
+            log=emit if main else (lambda _: None), fast=not args.no_fast, world=world,
+        )  # fmt: skip
+    except Exception as err:
+        broken = distributed.peer_failure(err) if world is not None else None
+        if broken is None:
+            raise
+        if distributed.launched():
+            return distributed.PEER_FAILED  # its launcher names the worker that failed
+        failure = f"another process of this job failed, which broke the connection to it ({broken})"
+        if main:
+            store.record_end(out, "failed", failure)
+        raise BnlabError(f"{failure}; that process's own output says why") from None
     if main:
         emit(f"Run written to {out} (wall time {result.wall_seconds:.1f} s)")
         if args.json:
@@ -65,16 +81,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace, workers: int, out: Path) -> int:
+    """--nproc N: make the checks that one process makes before it trains, then start the workers and wait."""
+    from bnlab.cli import main
+    from bnlab.data import fetch_mnist
+    from bnlab.training import distributed, store
+
+    (store.RunDir.resume(out)[0] if args.resume else store.RunDir.create(out)).close()  # rank 0 reopens it
+    fetch_mnist(args.data_dir)  # once, rather than by every worker (a download would race)
+    emitter(args)(f"Training on {workers} processes (gloo on CPU, nccl on CUDA); rank 0 writes {out}")
+    try:
+        return distributed.launch(workers, main, [*_without_nproc(args.argv), "--out", str(out)])
+    except distributed.WorkerFailed as err:
+        store.record_end(out, "failed", f"{err}; the job stopped")
+        hint = f" Its last checkpoint stays valid: `bnlab train --resume --out {out} --nproc {workers}`."
+        raise BnlabError(f"{err}; the job stopped.{hint if (out / store.CHECKPOINT).is_file() else ''}") from None
+    except KeyboardInterrupt:
+        store.record_end(out, "interrupted", "interrupted; the workers were stopped")
+        raise
+
+
+LAUNCHER_OPTIONS = {"--nproc": True, "--oversubscribe": False, "--out": True}  # option: whether it takes a value
+
+
 def _without_nproc(argv: list[str]) -> list[str]:
-    """The command line minus --nproc N (and --out, which the launcher passes explicitly): what each worker runs."""
+    """The command line minus the launcher's own options, --nproc N and --oversubscribe (and --out, which the
+    launcher passes explicitly), however abbreviated: what each worker runs."""
     out, skip = [], False
     for token in argv:
+        name = token.split("=", 1)[0]
+        option = next((o for o in LAUNCHER_OPTIONS if len(name) > 2 and o.startswith(name)), None)
         if skip:
             skip = False
-        elif token in ("--nproc", "--out"):
-            skip = True
-        elif not token.startswith(("--nproc=", "--out=")):
+        elif option is None:
             out.append(token)
+        else:
+            skip = LAUNCHER_OPTIONS[option] and "=" not in token
     return out
 
 
@@ -206,9 +248,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the stopped run in --out from its last checkpoint")
     p.add_argument(
-        "--nproc", type=number(int, 1, 256), default=1, metavar="N",
-        help="train data-parallel on N processes of this machine, synchronized BN (default: 1); "
-        "for several machines run the same command under torchrun instead",
+        "--nproc", type=number(int, 1, 256), metavar="N",
+        help="train data-parallel on N processes of this machine, synchronized BN (default: 1); at most one per "
+        "usable CPU core; for several machines run the same command under torchrun instead",
+    )  # fmt: skip
+    p.add_argument(
+        "--oversubscribe", action="store_true",
+        help="allow --nproc above the usable CPU cores (workers then take turns on the cores; much slower)",
     )  # fmt: skip
     common(p)
     fast_flag(p)

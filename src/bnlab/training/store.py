@@ -188,6 +188,22 @@ def exclusive(folder: Path) -> Iterator[None]:
         lock.close()
 
 
+def record_end(run_dir: str | Path, status: str, message: str) -> None:
+    """Say in ``run_dir``'s summary how its run ended, when its writer could not know: the launcher of a
+    multi-process run knows which worker died, where rank 0 saw only a broken connection. A summary that
+    already says the run completed, diverged or was interrupted is kept; so is a folder with no summary."""
+    path = Path(run_dir)
+    if not (path / SUMMARY).is_file():
+        return
+    lock = RunDir._take_lock(path)
+    try:
+        summary = read_summary(path)
+        if summary.get("status") not in (*FINISHED, "interrupted"):
+            write_json(path / SUMMARY, summary | {"status": status, "message": message})
+    finally:
+        lock.close()
+
+
 def _only_run_files(present: list[Path]) -> bool:
     """Whether ``present`` are all files a bnlab run writes (a user's own files are never deleted)."""
     known = {CONFIG, METRICS, SUMMARY, CHECKPOINT}
