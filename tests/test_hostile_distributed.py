@@ -157,7 +157,7 @@ def _listing(path: Path) -> dict[str, bytes]:
         ("completed", 2, "holds a run that already completed; there is nothing to resume"),
         ("no checkpoint", 1, "no checkpoint at"),
         ("not resumable", 1, "has no training state to resume from"),
-        ("no run", 1, "cannot read"),
+        ("no run", 2, "holds no bnlab run to resume (no config.json); start a new run instead"),
     ],
 )
 def test_usage_errors_come_before_any_worker_starts_with_the_one_process_message(

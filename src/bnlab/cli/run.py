@@ -45,8 +45,9 @@ def _train_command(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             raise UsageError("--resume needs --out, the run directory to continue")
-        config = store.read_config(Path(args.out))
         out = Path(args.out)
+        store.require_run(out)
+        config = store.read_config(out)
         emit(f"Resuming {out} (bn={config.bn}, seed {config.seed}, {config.batches} batches)")
     else:
         config = TrainConfig(

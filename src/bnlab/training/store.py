@@ -110,8 +110,7 @@ class RunDir:
     def resume(cls, path: str | Path) -> tuple[RunDir, dict[str, Any]]:
         """The stopped run in ``path`` and its latest checkpoint; metrics after that checkpoint are dropped."""
         path = Path(path)
-        if not (path / CONFIG).is_file():
-            raise UsageError(f"{path} holds no bnlab run to resume (no {CONFIG}); start a new run instead")
+        require_run(path)
         run = cls(path, cls._take_lock(path))
         try:
             summary = read_summary(path)
@@ -177,6 +176,12 @@ class RunDir:
             self._lock.close()  # releases the flock
 
 
+def require_run(path: Path) -> None:
+    """Refuse (``UsageError``) a folder that holds no bnlab run to resume."""
+    if not (Path(path) / CONFIG).is_file():
+        raise UsageError(f"{path} holds no bnlab run to resume (no {CONFIG}); start a new run instead")
+
+
 @contextlib.contextmanager
 def exclusive(folder: Path) -> Iterator[None]:
     """Hold ``folder``'s writer lock (the run directory's, when it is one) inside the block: a second writer,
@@ -195,13 +200,10 @@ def record_end(run_dir: str | Path, status: str, message: str) -> None:
     path = Path(run_dir)
     if not (path / SUMMARY).is_file():
         return
-    lock = RunDir._take_lock(path)
-    try:
+    with exclusive(path):
         summary = read_summary(path)
         if summary.get("status") not in (*FINISHED, "interrupted"):
             write_json(path / SUMMARY, summary | {"status": status, "message": message})
-    finally:
-        lock.close()
 
 
 def _only_run_files(present: list[Path]) -> bool:

@@ -1,0 +1,48 @@
+"""The arithmetic a run is: floating-point operations per training step, and the machine's matmul peak.
+
+A lab claim's *work* is the FLOPs of all its runs' training steps (evaluations excluded), counted by
+PyTorch's own ``torch.utils.flop_counter.FlopCounterMode`` on one forward and backward pass of the
+network (matmuls and convolutions; elementwise ops, batch norm and the optimizer are not counted, and
+are a few percent of these networks' steps). Its *floor* is that work at the matmul peak: the time no
+engine could beat on this machine, measured in the same process (``matmul_peak``) so that the
+fraction of peak a lab reaches is a ratio of two figures taken side by side.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bnlab.config import TrainConfig
+from bnlab.models import build_network
+from bnlab.training.evaluate import loss_fn
+
+__all__ = ["matmul_peak", "step_flops"]
+
+
+@functools.cache
+def step_flops(config: TrainConfig) -> int:
+    """FLOPs of one training step of ``config``'s network (forward and backward, batch of ``batch_size``)."""
+    model = build_network(config.replace(seed=0))
+    images = torch.zeros(config.batch_size, 1, 28, 28)
+    labels = torch.zeros(config.batch_size, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_fn(config.loss, model.train()(images), labels).backward()
+    return counter.get_total_flops()
+
+
+def matmul_peak(size: int = 1024, repeats: int = 9) -> float:
+    """FLOP/s of a float32 matmul of two size x size matrices on this machine now: the median of ``repeats``."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up: threads, caches
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        timings.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(timings)
