@@ -24,6 +24,7 @@ from bnlab.lab.benefits import (
     VERDICTS,
     Comparison,
     claim1_speed,
+    claim7_results,
     compare,
     parse_claims,
     run_benefits,
@@ -33,6 +34,7 @@ from bnlab.lab.benefits import (
 from bnlab.lab.benefits.arms import Lab
 from bnlab.lab.benefits.networks import LAB, PAPER_MLP
 from bnlab.lab.curves import final, points
+from bnlab.lab.step_cost import StepCost
 from bnlab.models import ACTIVATIONS, FCNet, build_network
 from bnlab.training import RunResult, obtain, run_dir, train
 from bnlab.training import runner as train_module
@@ -270,6 +272,13 @@ def curve_run(spec: TrainConfig, bn: str, seed: int, accuracies: list[float], se
     return RunResult(spec.replace(bn=bn, seed=seed), "completed", n, seconds, history=history)
 
 
+def costs(ratio: float) -> dict[str, dict[str, StepCost]]:
+    """Costs per step for both setups: a BN step costs ``ratio`` times a plain one (in every round)."""
+    return {
+        setup: {"no BN": StepCost((1e-3,) * 3), "BN": StepCost((ratio * 1e-3,) * 3)} for setup in ("MLP", "ConvNet")
+    }
+
+
 FAST = [0.1, 0.92, 0.96, 0.975, 0.98]
 SLOW = [0.1, 0.5, 0.8, 0.91, 0.93, 0.955, 0.965, 0.972]
 
@@ -289,12 +298,9 @@ def test_claim1_verdict_from_synthetic_curves(curves, expected, tmp_path):
 
     def lookup(spec: TrainConfig, arm: str) -> list[RunResult]:
         plain, with_bn = curves[spec.model]
-        # BN iterations cost 20% more: the curves are in batches, the verdict in seconds
-        return [
-            curve_run(spec, arm, s, with_bn if arm != "none" else plain, 1.2 if arm != "none" else 1.0) for s in (0, 1)
-        ]
+        return [curve_run(spec, arm, s, with_bn if arm != "none" else plain, 1.0) for s in (0, 1)]
 
-    result = experiment.analyse(lookup, tmp_path)
+    result = experiment.analyse(lookup, tmp_path, costs=costs(1.2))  # the curves are in steps, the verdict in time
     assert result.verdict == expected
     assert (tmp_path / "claim1_speed.png").is_file()
 
@@ -305,7 +311,7 @@ def test_claim1_does_not_judge_a_threshold_that_neither_arm_reached_in_some_seed
     def lookup(spec: TrainConfig, arm: str) -> list[RunResult]:
         return [curve_run(spec, arm, s, plain if arm == "none" else bn_by_seed[s], 1.0) for s in (0, 1)]
 
-    result = claim1_speed.experiment(Lab(BUDGETS["smoke"], (0, 1), "torch")).analyse(lookup, tmp_path)
+    result = claim1_speed.experiment(Lab(BUDGETS["smoke"], (0, 1), "torch")).analyse(lookup, tmp_path, costs=costs(1.0))
     judged = {re.search(r"\d+%", c.name)[0]: c.counts for c in result.comparisons if c.name.startswith("MLP")}
     assert judged == {"90%": True, "95%": True, "97%": False}
     assert result.verdict == "supported"
@@ -438,3 +444,52 @@ def test_cli_argument_errors_exit_2_with_one_line(args, fragment, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1
+
+
+def test_claim7_gives_each_arm_the_steps_that_fit_in_the_same_time(tmp_path):
+    """The cheaper arm's steps at its cost are the time; the other arm is scored only on the steps that fit."""
+    lab = Lab(BUDGETS["smoke"], (0, 1), "torch")
+    experiment = claim7_results.experiment(lab)
+    steps = BUDGETS["smoke"].best_steps[0]
+    late = [0.5] * 4 + [0.99]  # reaches 0.99 at its last evaluation only
+    early = [0.5, 0.9, 0.95, 0.96, 0.96]
+
+    def lookup(spec: TrainConfig, arm: str) -> list[RunResult]:
+        accuracies = late if arm != "none" else early
+        runs = []
+        for seed in (0, 1):
+            run = curve_run(spec, arm, seed, accuracies, 1.0)
+            for i, record in enumerate(run.history):  # evaluations spread over the run's steps
+                record["batch"] = round(i * spec.batches / (len(accuracies) - 1))
+            runs.append(run)
+        return runs
+
+    equal = experiment.analyse(lookup, tmp_path, costs=costs(1.0))
+    dearer = experiment.analyse(lookup, tmp_path, costs=costs(1.5))  # BN's last evaluation no longer fits
+    assert equal.comparisons[0].bn == (0.99, 0.99) and equal.verdict == "supported"
+    assert dearer.comparisons[0].bn == (0.5, 0.5) and dearer.verdict == "not supported"
+    assert claim7_results.step_budgets(steps, costs(1.5)["MLP"]) == (steps * 1e-3, {"no BN": steps, "BN": steps / 1.5})
+
+
+def test_costs_are_measured_interleaved_round_by_round(small_mnist):
+    from bnlab.lab.step_cost import interleaved_costs
+
+    spec = PAPER_MLP.replace(hidden=(8,), batch_size=16)
+    blowing_up = spec.replace(lr=1e6, init=5.0)  # diverges: rebuilt within its slices, its steps still timed
+    measured = interleaved_costs(
+        {"plain": spec, "bn": spec.replace(bn="manual"), "diverging": blowing_up},
+        small_mnist, torch.device("cpu"), rounds=4, slice_steps=3, warmup=1,
+    )  # fmt: skip
+    assert set(measured) == {"plain", "bn", "diverging"}
+    assert all(len(cost.seconds) == 4 and min(cost.seconds) > 0 for cost in measured.values())
+    median, low, high = measured["bn"].ratio(measured["plain"])
+    assert low <= median <= high
+
+
+def test_the_work_of_a_step_is_its_matmuls():
+    from bnlab.lab.work import step_flops
+
+    config = PAPER_MLP.replace(hidden=(32, 16), batch_size=8)
+    forward = 2 * 8 * (784 * 32 + 32 * 16 + 16 * 10)
+    backward = 2 * forward - 2 * 8 * 784 * 32  # weight gradients everywhere, input gradients but the first layer's
+    assert step_flops(config) == forward + backward == step_flops(config.replace(bn="manual", seed=3))

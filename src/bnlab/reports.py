@@ -106,6 +106,7 @@ class Panel:
     marks: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # crosses, e.g. diverged runs
     mark_label: str = "diverged"
     hlines: Sequence[float] = ()
+    vlines: Sequence[float] = ()
     ylim: tuple[float, float] | None = None
     per_run: bool = False  # one line per run instead of the mean: for runs with different x values (time)
     xticks: Sequence[float] = ()  # label exactly these x values (a swept grid), plainly, even on a log axis
@@ -139,6 +140,8 @@ def plot_panels(path: Path, panels: Sequence[Panel], *, title: str | None = None
                 ax.scatter(xs, ys, marker="x", s=40, color=colour, label=f"{label}: {panel.mark_label}", zorder=3)
         for y in panel.hlines:
             ax.axhline(y, color="grey", linestyle=":", linewidth=1)
+        for x in panel.vlines:
+            ax.axvline(x, color="grey", linestyle=":", linewidth=1)
         if panel.logx:
             ax.set_xscale("log")
         if panel.categories:
@@ -261,9 +264,15 @@ code { background: #f4f4f4; padding: 0 .2em; border-radius: 3px; }
 
 
 def _inline_html(text: str) -> str:
-    text = html.escape(text, quote=False)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+    """Markdown's inline marks as HTML: `code` (taken as it is), **strong** and *emphasis*."""
+    parts = re.split(r"(`[^`]+`)", html.escape(text, quote=False))
+    for i, part in enumerate(parts):
+        if part.startswith("`") and part.endswith("`") and len(part) > 1:
+            parts[i] = f"<code>{part[1:-1]}</code>"
+        else:
+            part = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", part)
+            parts[i] = re.sub(r"(?<![\w*])\*(?=\S)(.+?)(?<=\S)\*(?![\w*])", r"<em>\1</em>", part)
+    return "".join(parts)
 
 
 def render_html(blocks: Sequence[Block], *, title: str, image_dir: Path) -> str:

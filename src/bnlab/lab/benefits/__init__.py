@@ -48,6 +48,8 @@ from bnlab.lab.benefits.evidence import ClaimResult, Experiment
 from bnlab.lab.benefits.report import BenefitsResult, report_blocks, write_report
 from bnlab.lab.benefits.runs import QUIET, Pair, compare
 from bnlab.lab.benefits.verdicts import VERDICTS, Comparison, verdict
+from bnlab.lab.step_cost import StepCost, interleaved_costs
+from bnlab.lab.work import matmul_peak
 from bnlab.training import RunResult, resolve_device
 from bnlab.training.runs import obtain_many
 
@@ -158,12 +160,27 @@ def run_benefits(
     trained = sum(how != "reused" for _, how in obtained.values())
     log(f"trained {trained} runs, reused {len(jobs) - trained}")
 
+    peaks = [matmul_peak()]  # the machine's speed now, for the floor: before the costs, and again after them
+
     def lookup(spec: TrainConfig, norm: str) -> list[RunResult]:
         return [done[spec.replace(bn=norm, seed=seed)] for seed in lab.seeds]
 
-    results = [e.analyse(lookup, out) for e in experiments]
+    costs: dict[int, dict[str, dict[str, StepCost]]] = {}
+    for e in experiments:
+        if e.costs:
+            log(f"claim {e.number}: measuring each arm's cost per step, interleaved ({', '.join(e.costs)})")
+            rounds, steps = plan.cost_slices
+            costs[e.number] = {
+                setup: interleaved_costs(arms, data, torch_device, rounds=rounds, slice_steps=steps)
+                for setup, arms in e.costs.items()
+            }
+    peaks.append(matmul_peak())
+    results = [
+        e.analyse(lookup, out, costs=costs[e.number]) if e.costs else e.analyse(lookup, out) for e in experiments
+    ]
     outcome = BenefitsResult(
-        results, out, plan, lab.seeds, bn, str(torch_device), done, trained, time.perf_counter() - start
-    )
+        results, out, plan, lab.seeds, bn, str(torch_device), done, trained, time.perf_counter() - start,
+        jobs={e.number: e.jobs for e in experiments}, costs=costs, peaks=peaks,
+    )  # fmt: skip
     write_report(outcome)
     return outcome

@@ -7,7 +7,7 @@ and comparisons all use these names.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bnlab.config import TrainConfig
@@ -41,6 +41,14 @@ class Lab:
         return [
             spec.replace(bn=norm, seed=seed) for spec in specs for norm in self.norms.values() for seed in self.seeds
         ]
+
+    def cost_setups(self, setups: Mapping[str, TrainConfig]) -> dict[str, dict[str, TrainConfig]]:
+        """{setup: {arm: its network}}: what a claim's costs per step are measured on (seed 0; a step's cost
+        depends on the network, not on its weights)."""
+        return {
+            name: {arm: spec.replace(bn=norm, seed=0) for arm, norm in self.norms.items()}
+            for name, spec in setups.items()
+        }
 
     def arms(self, get: Lookup, spec: TrainConfig) -> ArmRuns:
         return {arm: get(spec, norm) for arm, norm in self.norms.items()}

@@ -14,14 +14,19 @@ from bnlab.lab.benefits.evidence import (
     Claim,
     ClaimResult,
     Experiment,
+    cost_text,
     curve_panel,
     make_table,
+    ratio_text,
     save_figure,
     spread_text,
+    time_panel,
 )
 from bnlab.lab.benefits.networks import NOTEBOOK_CONVNET, PAPER_MLP, RECIPES, conv_eval_images
 from bnlab.lab.benefits.verdicts import SPEEDUP_MARGIN, Comparison
 from bnlab.lab.curves import first_reaching
+from bnlab.lab.step_cost import METHOD as COST_METHOD
+from bnlab.lab.step_cost import StepCost
 from bnlab.training import RunResult
 
 CLAIM = Claim(
@@ -47,17 +52,22 @@ def experiment(lab: Lab) -> Experiment:
             eval_size=budget.conv_eval_size,
         ),
     }
-    return Experiment(CLAIM.number, lab.jobs(list(setups.values())), partial(analyse, lab, setups))
+    return Experiment(
+        CLAIM.number, lab.jobs(list(setups.values())), partial(analyse, lab, setups), costs=lab.cost_setups(setups)
+    )
 
 
-def analyse(lab: Lab, setups: dict[str, TrainConfig], get: Lookup, out: Path) -> ClaimResult:
+def analyse(
+    lab: Lab, setups: dict[str, TrainConfig], get: Lookup, out: Path, costs: dict[str, dict[str, StepCost]]
+) -> ClaimResult:
     budget = lab.budget
     comparisons, rows, cost_rows, panels, heads = [], [], [], [], []
     for name, spec in setups.items():
         arms = lab.arms(get, spec)
+        cost = costs[name]
         for threshold in THRESHOLDS:
-            steps = {arm: [time_to(r, threshold, "batch") for r in arms[arm]] for arm in ARMS}
-            secs = {arm: [time_to(r, threshold, "seconds") for r in arms[arm]] for arm in ARMS}
+            steps = {arm: [steps_to(r, threshold) for r in arms[arm]] for arm in ARMS}
+            secs = {arm: [n * cost[arm].median for n in steps[arm]] for arm in ARMS}
             rows.append(
                 (
                     name,
@@ -78,15 +88,14 @@ def analyse(lab: Lab, setups: dict[str, TrainConfig], get: Lookup, out: Path) ->
                         counts=all(reached),  # a seed where neither arm got there says nothing about speed
                     )
                 )
-        cost = {arm: [r.seconds_per_batch * 1000 for r in arms[arm]] for arm in ARMS}
-        ratios = [with_bn / without for without, with_bn in zip(cost[PLAIN], cost[WITH_BN], strict=True)]
-        cost_rows.append((name, spread_text(cost[PLAIN], 2), spread_text(cost[WITH_BN], 2), spread_text(ratios, 2)))
+        ratio = cost[WITH_BN].ratio(cost[PLAIN])
+        cost_rows.append((name, *(cost_text(cost[arm]) for arm in ARMS), ratio_text(ratio)))
         hlines = {"hlines": THRESHOLDS, "ylim": (0, 1.02)}
         panels += [
             curve_panel(f"{name}: validation accuracy by batch", arms, **hlines),
-            curve_panel(f"{name}: validation accuracy by training time", arms, x="seconds", **hlines),
+            time_panel(f"{name}: validation accuracy by training time", arms, cost, **hlines),
         ]
-        heads.append(speed_headline(name, arms[PLAIN], arms[WITH_BN], statistics.median(ratios)))
+        heads.append(speed_headline(name, arms, cost, ratio[0]))
     return ClaimResult(
         CLAIM,
         setup=(
@@ -95,14 +104,15 @@ def analyse(lab: Lab, setups: dict[str, TrainConfig], get: Lookup, out: Path) ->
             f"{budget.speed_batches[0]} batches of 60, scored on the 5,000 validation images every "
             f"{budget.speed_eval_every[0]} batches. **ConvNet**: the notebook's network and procedure (19 conv "
             f"layers, Adam 0.002, batches of 64, sigmoid cross-entropy), {budget.speed_batches[1]} batches, scored "
-            f"on {conv_eval_images(budget)} every {budget.speed_eval_every[1]} batches. Time is "
-            "training time only (evaluation excluded)."
+            f"on {conv_eval_images(budget)} every {budget.speed_eval_every[1]} batches. Time is training steps "
+            f"x the arm's cost per step, measured interleaved ({COST_METHOD}), so the neighbours' load cannot "
+            "flip it."
         ),
         rule=(
             "For each setup and each accuracy threshold: BN wins a seed when the time without BN divided by "
-            f"the time with BN exceeds {SPEEDUP_MARGIN:g}, i.e. BN gets there at least 10% sooner in wall-clock "
-            "training time (never reaching counts as infinitely late). A threshold is judged only when, in "
-            "every seed, at least one arm reached it within the budget; one that neither arm reached in some "
+            f"the time with BN exceeds {SPEEDUP_MARGIN:g}, i.e. BN gets there at least 10% sooner in training "
+            "time, steps x cost per step (never reaching counts as infinitely late). A threshold is judged only "
+            "when, in every seed, at least one arm reached it within the budget; one that neither arm reached in some "
             "seed is reported, not judged, since that seed says nothing about speed. The slower iteration is "
             "part of the claim, so it is reported, not judged."
         ),
@@ -117,11 +127,9 @@ def analyse(lab: Lab, setups: dict[str, TrainConfig], get: Lookup, out: Path) ->
                 ),
             ),
             (
-                "Cost of one training iteration",
-                make_table(
-                    ["setup", *(f"ms/batch, {arm}" for arm in ARMS), f"{WITH_BN} / {PLAIN}"],
-                    cost_rows,
-                ),
+                f"Cost of one training step, measured interleaved ({COST_METHOD}): median (min-max) over rounds; "
+                "the ratio is taken round by round",
+                make_table(["setup", *(f"ms/step, {arm}" for arm in ARMS), f"{WITH_BN} / {PLAIN}"], cost_rows),
             ),
         ],
         figures=[
@@ -136,10 +144,10 @@ def analyse(lab: Lab, setups: dict[str, TrainConfig], get: Lookup, out: Path) ->
     )
 
 
-def time_to(run: RunResult, accuracy: float, clock: str) -> float:
-    """Batches (``clock="batch"``) or training seconds until ``run`` first reached ``accuracy``; inf if never."""
+def steps_to(run: RunResult, accuracy: float) -> float:
+    """Training steps until ``run`` first reached ``accuracy`` (at an evaluation); inf if never."""
     point = first_reaching(run, accuracy)
-    return point[clock] if point is not None else math.inf
+    return point["batch"] if point is not None else math.inf
 
 
 def seconds_text(values: list[float]) -> str:
@@ -151,12 +159,12 @@ def seconds_text(values: list[float]) -> str:
     return text if len(finite) == len(values) else f"{text} (never in {len(values) - len(finite)}/{len(values)} seeds)"
 
 
-def speed_headline(name: str, plain: list[RunResult], bn: list[RunResult], cost_ratio: float) -> str:
+def speed_headline(name: str, arms: dict[str, list[RunResult]], cost: dict[str, StepCost], ratio: float) -> str:
     """The highest threshold BN reached in every seed, and how long each arm took to get there."""
-    cost = f"a BN iteration costs {cost_ratio:.2f}x, median over seeds"
+    text = f"a BN step costs {ratio:.2f}x, median of interleaved rounds"
     for threshold in reversed(THRESHOLDS):
-        bn_seconds = [time_to(r, threshold, "seconds") for r in bn]
-        if all(math.isfinite(s) for s in bn_seconds):
-            plain_text = seconds_text([time_to(r, threshold, "seconds") for r in plain])
-            return f"{name}: {threshold:.0%} after {seconds_text(bn_seconds)} with BN vs {plain_text} without ({cost})"
-    return f"{name}: BN did not reach {THRESHOLDS[0]:.0%} in every seed ({cost})"
+        seconds = {arm: [steps_to(r, threshold) * cost[arm].median for r in runs] for arm, runs in arms.items()}
+        if all(math.isfinite(s) for s in seconds[WITH_BN]):
+            with_bn, without = seconds_text(seconds[WITH_BN]), seconds_text(seconds[PLAIN])
+            return f"{name}: {threshold:.0%} after {with_bn} with BN vs {without} without ({text})"
+    return f"{name}: BN did not reach {THRESHOLDS[0]:.0%} in every seed ({text})"

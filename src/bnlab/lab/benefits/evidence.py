@@ -12,9 +12,9 @@ from typing import Any
 
 from bnlab import reports
 from bnlab.config import TrainConfig
-from bnlab.lab.benefits.arms import Lookup
 from bnlab.lab.benefits.verdicts import Comparison, verdict
 from bnlab.lab.curves import curve
+from bnlab.lab.step_cost import StepCost
 from bnlab.training import RunResult
 
 
@@ -77,11 +77,17 @@ class ClaimResult:
 
 @dataclass
 class Experiment:
-    """The runs one claim needs, and how to turn them into its evidence."""
+    """The runs one claim needs, and how to turn them into its evidence.
+
+    ``costs``: the setups whose arms' costs per step the claim turns steps into time with, {setup: {arm:
+    config}}; the lab measures them interleaved (``lab.step_cost``) and passes them to ``analyse`` as
+    ``costs={setup: {arm: StepCost}}``.
+    """
 
     number: int
     jobs: list[TrainConfig]
-    analyse: Callable[[Lookup, Path], ClaimResult]  # (runs, output folder for figures) -> result
+    analyse: Callable[..., ClaimResult]  # (runs, output folder for figures[, costs=...]) -> result
+    costs: dict[str, dict[str, TrainConfig]] = field(default_factory=dict)
 
 
 # --- Numbers over seeds, in words -----------------------------------------------------------------
@@ -113,6 +119,18 @@ def range_text(values: Sequence[float], zero: str = "none") -> str:
     return text(low) if low == high else f"{text(low)}-{text(high)}"
 
 
+def cost_text(cost: StepCost) -> str:
+    """An arm's milliseconds per step: median (min-max) over the interleaved rounds."""
+    return reports.spread(
+        {"mean": cost.median * 1e3, "min": min(cost.seconds) * 1e3, "max": max(cost.seconds) * 1e3}, 3
+    )
+
+
+def ratio_text(ratio: tuple[float, float, float]) -> str:
+    """A paired cost ratio: median (min-max) over rounds."""
+    return reports.spread({"mean": ratio[0], "min": ratio[1], "max": ratio[2]}, 2)
+
+
 # --- Tables and figures ---------------------------------------------------------------------------
 
 
@@ -129,6 +147,18 @@ def accuracy_ylim(values: Sequence[float | None]) -> tuple[float, float]:
     """A y range framing these accuracies, so that differences of a point or two show."""
     present = [v for v in values if v is not None]
     return max(0.0, min(present) - 0.03), min(1.0, max(present) + 0.01)
+
+
+def time_panel(
+    title: str, runs_by_label: Mapping[str, list[RunResult]], cost: Mapping[str, StepCost], **kwargs: Any
+) -> reports.Panel:
+    """Validation accuracy against training time, steps x the arm's cost per step; one line per run."""
+    series = {
+        label: [[(x * cost[label].median, y) for x, y in curve(r)] for r in rs] for label, rs in runs_by_label.items()
+    }
+    return reports.Panel(
+        title, "training seconds (steps x cost per step)", "validation accuracy", series, per_run=True, **kwargs
+    )
 
 
 def curve_panel(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from bnlab.lab.benefits.networks import PAPER_MLP
 from bnlab.lab.benefits.sweeps import USABLE_ACCURACY
 from bnlab.lab.benefits.verdicts import ACCURACY_MARGIN, DEAD_MARGIN, SPEEDUP_MARGIN, Comparison
 from bnlab.lab.curves import final
+from bnlab.lab.step_cost import StepCost
+from bnlab.lab.work import step_flops
 from bnlab.training import RunResult
 from bnlab.training.store import finite_or_none
 
@@ -39,10 +42,32 @@ class BenefitsResult:
     runs: dict[TrainConfig, RunResult]
     trained: int
     wall_seconds: float
+    jobs: dict[int, list[TrainConfig]] = field(default_factory=dict)  # claim -> the runs it needs
+    costs: dict[int, dict[str, dict[str, StepCost]]] = field(default_factory=dict)  # claim -> setup -> arm -> cost
+    peaks: list[float] = field(default_factory=list)  # float32 matmul FLOP/s, measured during the lab
 
     def threads(self) -> list[int]:
         """The thread counts the runs were trained with (reused runs keep theirs)."""
         return sorted({run.threads for run in self.runs.values()})
+
+    def work(self) -> list[dict[str, Any]]:
+        """Per claim, then for the whole lab (each run once): runs, training steps, FLOPs, the floor at the
+        matmul peak, the training time the runs took (a stacked run's share of its stack) and the fraction."""
+        peak = statistics.median(self.peaks) if self.peaks else math.nan
+        groups = {f"{n}. {self.claim_title(n)}": jobs for n, jobs in self.jobs.items()}
+        groups["whole lab (each run once)"] = list(dict.fromkeys(j for jobs in self.jobs.values() for j in jobs))
+        rows = []
+        for name, jobs in groups.items():
+            runs = [self.runs[j] for j in jobs]
+            flops = sum(step_flops(j) * r.batches_done for j, r in zip(jobs, runs, strict=True))
+            seconds = sum(r.train_seconds for r in runs)
+            row = {"claim": name, "runs": len(runs), "steps": sum(r.batches_done for r in runs), "flops": flops}
+            row |= {"floor_seconds": flops / peak, "train_seconds": seconds}
+            rows.append(row | {"fraction_of_peak": flops / peak / seconds if seconds else math.nan})
+        return rows
+
+    def claim_title(self, number: int) -> str:
+        return next(c.title for c in self.claims if c.number == number)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +79,12 @@ class BenefitsResult:
             "runs_trained": self.trained,
             "runs_reused": len(self.runs) - self.trained,
             "wall_seconds": round(self.wall_seconds, 1),
+            "matmul_peak_flops": self.peaks,
+            "work": self.work(),
+            "costs": {
+                str(n): {setup: {arm: c.to_dict() for arm, c in arms.items()} for setup, arms in by_setup.items()}
+                for n, by_setup in self.costs.items()
+            },
             "claims": [c.to_dict() for c in self.claims],
             "runs": [
                 {
@@ -64,6 +95,7 @@ class BenefitsResult:
                     "status": run.status,
                     "batches": run.batches_done,
                     "train_seconds": round(run.train_seconds, 3),
+                    "flops": step_flops(job) * run.batches_done,
                     "final_val_accuracy": final(run),
                 }
                 for job, run in self.runs.items()
@@ -154,6 +186,7 @@ def report_blocks(result: BenefitsResult) -> list[reports.Block]:
             reports.Callout(f"**Verdict: {claim.verdict}.** {claim.headline}.", TONES[claim.verdict]),
             *(reports.Text(note) for note in claim.notes),
         ]
+    blocks += work_blocks(result)
     claims = ",".join(str(c.number) for c in result.claims)
     blocks += [
         reports.Heading("Reproduce"),
@@ -163,6 +196,47 @@ def report_blocks(result: BenefitsResult) -> list[reports.Block]:
         ),
     ]
     return blocks
+
+
+def work_blocks(result: BenefitsResult) -> list[reports.Block]:
+    """The arithmetic the lab was: FLOPs per claim, the floor at this machine's matmul peak, the time it took."""
+    rows = [
+        (
+            row["claim"],
+            str(row["runs"]),
+            f"{row['steps']:,}",
+            f"{row['flops'] / 1e12:.1f}",
+            f"{row['floor_seconds'] / 60:.1f}",
+            f"{row['train_seconds'] / 60:.1f}",
+            f"{row['fraction_of_peak']:.0%}" if math.isfinite(row["fraction_of_peak"]) else "-",
+        )
+        for row in result.work()
+    ]
+    peaks = [p / 1e9 for p in result.peaks]
+    stacked = sum(1 for r in result.runs.values() if r.run_dir and _stack_size(r.run_dir) > 1)
+    return [
+        reports.Heading("The work, and the floor"),
+        reports.Text(
+            "Training work is the FLOPs of every run's training steps (matmuls and convolutions, forward and "
+            "backward, counted by PyTorch's FlopCounterMode; evaluation excluded). The floor is that work at "
+            f"this machine's float32 matmul peak, measured during the lab ({', '.join(f'{p:.0f}' for p in peaks)} "
+            "GFLOP/s): no engine could train faster. Training time is what the runs' steps took "
+            f"({stacked} of the {len(result.runs)} runs trained in stacks, each member counted with its share "
+            "of its stack's time; reused runs keep the time of the lab that trained them)."
+        ),
+        reports.Text("*Work, floor and training time per claim (a run two claims share counts in both).*"),
+        reports.Table(
+            ("claim", "runs", "training steps", "TFLOP", "floor, min", "training, min", "of peak"), tuple(rows)
+        ),
+    ]
+
+
+def _stack_size(run_dir: Path) -> int:
+    """How many runs the run in ``run_dir`` was trained with as one stack (1: alone)."""
+    try:
+        return int(json.loads((run_dir / "config.json").read_text()).get("stack", 1))
+    except (OSError, ValueError):
+        return 1
 
 
 def write_report(result: BenefitsResult) -> None:

@@ -1,0 +1,89 @@
+"""What a training step costs, measured so that load cannot flip a comparison: the arms interleaved.
+
+A run's wall-clock time depends on the machine and on everything else it runs: timed one after the
+other, two arms of a comparison see different neighbours, and a 1.3x cost ratio reads as 3x on a busy
+day. So the lab never times runs. It counts steps (to a threshold, within a budget), and it measures
+each arm's cost per step here, all arms of a comparison in one process, taking turns in short slices
+over many rounds: whatever the load does in a round, it does to every arm alike, and the per-round
+ratio between arms keeps its value. Time is then steps x cost, at the median cost over rounds.
+
+A slice is ``fit`` on the arm's network as a single run trains (``runner.prepare``: channels_last,
+fused Adam, bnlab's kernels), continuing from the previous slice: the cost of a step of one run alone
+on this machine, whatever engine trained the lab's runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bnlab.config import TrainConfig
+from bnlab.data import MNIST
+from bnlab.training.loop import fit
+from bnlab.training.runner import prepare
+
+__all__ = ["METHOD", "ROUNDS", "SLICE_STEPS", "StepCost", "interleaved_costs"]
+
+ROUNDS = 9  # rounds of the arms taking turns: enough for a median and a spread
+SLICE_STEPS = 20  # steps per slice: short against the load's swings, long against timer and switch overhead
+METHOD = f"{ROUNDS} rounds of {SLICE_STEPS}-step slices, the arms taking turns in one process"
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One arm's seconds per training step, one figure per round (its slices timed between the other arms')."""
+
+    seconds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def ratio(self, other: StepCost) -> tuple[float, float, float]:
+        """(median, min, max) over rounds of this cost over ``other``'s, round by round (a paired ratio)."""
+        ratios = [a / b for a, b in zip(self.seconds, other.seconds, strict=True)]
+        return statistics.median(ratios), min(ratios), max(ratios)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median": self.median, "min": min(self.seconds), "max": max(self.seconds), "rounds": list(self.seconds)}
+
+
+def interleaved_costs(
+    configs: Mapping[str, TrainConfig],
+    data: MNIST,
+    device: torch.device,
+    *,
+    rounds: int = ROUNDS,
+    slice_steps: int = SLICE_STEPS,
+    warmup: int = 5,
+) -> dict[str, StepCost]:
+    """Each config's seconds per training step, the configs taking turns: every round trains ``slice_steps``
+    steps of each in turn (the order rotated each round), after ``warmup`` steps of each (allocations,
+    caches). A network that diverges is built again and its slice goes on."""
+    names = list(configs)
+    prepared = {name: prepare(config, data, device) for name, config in configs.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+
+    def steps(name: str, count: int) -> float:
+        taken = elapsed = 0.0
+        for _ in range(count):  # a slice that diverges is finished on a fresh network: a step costs what it costs
+            state, batches = prepared[name]
+            if state.stop is not None:
+                prepared[name] = state, batches = prepare(configs[name], data, device)
+            before, done = state.clock, state.step
+            fit(state, batches, steps=state.step + int(count - taken), loss=configs[name].loss)
+            taken, elapsed = taken + state.step - done, elapsed + state.clock - before
+            if taken >= count:
+                return elapsed / taken
+        raise RuntimeError(f"{name}: its network diverges within every step; a cost needs a network that trains")
+
+    for name in names:
+        steps(name, warmup)
+    for round_ in range(rounds):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            seconds[name].append(steps(name, slice_steps))
+    return {name: StepCost(tuple(times)) for name, times in seconds.items()}
