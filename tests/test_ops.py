@@ -131,3 +131,30 @@ def test_the_operators_are_registered_with_the_dispatcher():
     x = torch.randn(4, 3, 2, 2, device="meta")
     y, stats = torch.ops.bnlab.batch_norm_train(x, None, None, None, None, 0.1, 1e-5, True, False)  # fake
     assert y.shape == x.shape and stats.shape == (3, 3) and stats.dtype == torch.float64
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_export_and_compile_take_an_empty_batch(use_kernels, training):
+    """The fake implementations accept N=0 as the real ones do (torch.nn's behaviour: an empty output)."""
+    model = _model().train(training)
+    reference = copy.deepcopy(model)
+    x = _inputs(0)
+    exported = torch.export.export(copy.deepcopy(model), (x,)).module()
+    assert exported(x).shape == reference(x).shape == (0, 10)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = x.requires_grad_()
+    y = compiled(x)
+    y.sum().backward()
+    assert y.shape == (0, 10) and x.grad.shape == x.shape
+    assert torch.equal(model[1].weight.grad, torch.zeros(8))
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean, rtol=0, atol=0)
+    assert model[1].num_batches_tracked == reference[1].num_batches_tracked
+
+
+def test_the_fake_implementations_give_an_empty_batch_and_mixed_precision_their_shapes():
+    x = torch.empty(0, 3, 4, device="meta", dtype=torch.float16)
+    weight = torch.empty(3, device="meta")
+    y, stats = torch.ops.bnlab.batch_norm_train(x, weight, None, None, None, 0.1, 1e-5, True, False)
+    assert y.shape == x.shape and stats.shape == (3, 3)
+    dx, dweight, dbias = torch.ops.bnlab.batch_norm_backward(x, weight, stats, x, None)
+    assert dx.dtype == torch.float16 and dweight.dtype == dbias.dtype == torch.float32

@@ -20,6 +20,13 @@ Accuracy: moments are taken around a per-feature shift K (the feature's first va
 mean with a small spread (1e4 +- 1 in float32) costs no precision; the float64 mean is applied as
 a pair hi + lo of x's type, so x - mean is as exact as that type allows. float16/bfloat16 inputs
 are computed in float32.
+
+Non-finite and huge values (the compiled kernels, ``kernels/batch_norm.h``, do the same operations):
+a feature holding a NaN, or both infinities, gets a NaN mean and variance; one holding one
+infinity gets that infinity as its mean and a NaN variance (torch.nn's statistics); either way
+its outputs are NaN, and so are the running statistics that follow. A variance beyond the
+compute dtype's range is inf, so the feature normalizes to its bias (torch.nn too). Under a fused
+ReLU the gradient is dropped where y <= 0 and passed where y is NaN, as torch.relu's backward.
 """
 
 from __future__ import annotations
@@ -34,6 +41,16 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the arithmetic runs in: float32 for half-precision inputs, else x's own."""
     return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+
+
+def parameter_dtype(x: Tensor, weight: Tensor | None) -> torch.dtype:
+    """The dtype of the weight and bias gradients: the compute dtype, or the weight's if wider.
+
+    Not x's: float16 input with float32 parameters (mixed precision) would round their gradients to
+    float16, or overflow them to inf. Autograd casts them to each parameter's own dtype.
+    """
+    acc = compute_dtype(x)
+    return acc if weight is None else torch.promote_types(acc, weight.dtype)
 
 
 def reduce_dims(x: Tensor) -> list[int]:
@@ -52,13 +69,20 @@ def values_per_feature(x: Tensor) -> int:
 
 
 def moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, biased var) per feature of x (N, C, *), float64 (C,); zeros for an empty batch."""
+    """(mean, biased var) per feature of x (N, C, *), float64 (C,); zeros for an empty batch.
+
+    The variance is one of the compute dtype (inf beyond its range); the mean is float64.
+    """
     if x.shape[0] == 0 or x.numel() == 0:
         zeros = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
         return zeros, zeros.clone()
     xs = x.to(compute_dtype(x))
-    shift = xs[0].reshape(x.shape[1], -1)[:, 0]  # a value of each feature: x - K is small
-    var, mean = torch.var_mean(xs - per_feature(shift, x), reduce_dims(x), correction=0)
+    # a value of each feature, so x - K is small; 0 where it is not finite (x - inf would be -inf or NaN)
+    shift = xs[0].reshape(x.shape[1], -1)[:, 0].nan_to_num(0.0, 0.0, 0.0)
+    deviations = xs - per_feature(shift, x)
+    var, mean = torch.var_mean(deviations, reduce_dims(x), correction=0)
+    # var_mean's running (Welford) mean is NaN for a feature holding one infinity; the mean is that infinity
+    mean = torch.where(mean.isnan(), deviations.mean(reduce_dims(x)), mean)
     return shift.double() + mean.double(), var.double()
 
 
@@ -113,7 +137,7 @@ def forward_train(
 def gradient_sums(x: Tensor, stats: Tensor, dy: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """(dz, sum(dz), sum(dz * xhat)) per feature; the sums float64 (C,)."""
     acc = compute_dtype(x)
-    dz = dy if y is None else torch.where(y > 0, dy, 0)  # as ReLU's backward: no inf * 0 = nan
+    dz = dy if y is None else torch.where(y <= 0, 0, dy)  # torch.relu's backward: no inf * 0 = nan; NaN y passes
     hi, lo = _split(stats[0], acc)
     xhat = (x.to(acc) - per_feature(hi, x)).sub_(per_feature(lo, x)).mul_(per_feature(stats[2].to(acc), x))
     sum_dz = dz.sum(reduce_dims(x), dtype=acc).double()
@@ -143,7 +167,8 @@ def backward(
     """(dx, dweight, dbias) of ``forward_train`` on this process's batch alone."""
     dz, sum_dz, sum_dz_xhat = gradient_sums(x, stats, dy, y)
     dx = input_gradient(x, weight, stats, dz, sum_dz, sum_dz_xhat, values_per_feature(x))
-    return dx, sum_dz_xhat.to(x.dtype), sum_dz.to(x.dtype)
+    dtype = parameter_dtype(x, weight)
+    return dx, sum_dz_xhat.to(dtype), sum_dz.to(dtype)
 
 
 def naive_batch_norm(
@@ -163,9 +188,15 @@ def naive_batch_norm(
 def running_update(
     running_mean: Tensor | None, running_var: Tensor | None, stats: Tensor, count: int, momentum: float, unbiased: bool
 ) -> None:
-    """running <- (1 - momentum) * running + momentum * batch; the variance made unbiased (M / (M - 1)) if asked."""
+    """running <- (1 - momentum) * running + momentum * batch; the variance made unbiased (M / (M - 1)) if asked.
+
+    torch.nn's formula, not ``lerp_``'s, which differs where a statistic is infinite: lerp(inf, x, 0.1) is NaN
+    where torch.nn keeps inf. A batch of no values (count 0) leaves the running statistics as they are (torch.nn).
+    """
+    if count == 0:
+        return
     if running_mean is not None:
-        running_mean.lerp_(stats[0].to(running_mean.dtype), momentum)
+        running_mean.mul_(1 - momentum).add_(stats[0].to(running_mean.dtype), alpha=momentum)
     if running_var is not None:
         var = stats[1] * (count / (count - 1)) if unbiased else stats[1]
-        running_var.lerp_(var.to(running_var.dtype), momentum)
+        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
