@@ -14,6 +14,7 @@ import torch
 
 import bnlab
 from bnlab import kernels
+from bnlab.errors import UsageError
 from bnlab.kernels import build
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="needs the compiled kernels")
@@ -130,9 +131,39 @@ def test_env_var_turns_the_kernels_off():
         "from bnlab import kernels; import torch, bnlab; bnlab.BatchNorm1d(3)(torch.randn(4, 3)); "
         "print(kernels.status(), kernels._installed)"
     )
-    env = os.environ | {"BNLAB_KERNELS": "0"}
+    env = os.environ | {"BNLAB_KERNELS": " Off "}  # any case, spaces ignored
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("tensor ops (kernels turned off") and out.strip().endswith("False")
+
+
+@pytest.mark.parametrize(
+    ("value", "on"),
+    [
+        *[("1", True), ("TRUE", True), (" yes", True), ("on", True), ("", True), (" ", True)],
+        *[("0", False), ("false", False), ("No", False), ("OFF ", False)],
+    ],
+)
+def test_env_values_that_switch_the_kernels(monkeypatch, value, on):
+    monkeypatch.setenv("BNLAB_KERNELS", value)
+    assert kernels._from_environment() is on
+
+
+@pytest.mark.parametrize("value", ["garbage", "2", "0ff", "-", "enabled"])
+def test_unknown_env_values_are_refused(monkeypatch, value):
+    monkeypatch.setenv("BNLAB_KERNELS", value)
+    with pytest.raises(UsageError, match=f"BNLAB_KERNELS={value!r} is not one of 1, true, yes, on, 0, false, no, off"):
+        kernels._from_environment()
+
+
+def test_an_unknown_env_value_is_a_one_line_cli_error_at_first_use():
+    """BNLAB_KERNELS=garbage silently meant "on"; now the first batch-norm call refuses it: one line, exit 2."""
+    env = os.environ | {"BNLAB_KERNELS": "garbage"}
+    cli = subprocess.run([sys.executable, "-m", "bnlab.cli", "summary"], env=env, capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stdout == ""
+    assert cli.stderr.strip().splitlines() == [
+        "bnlab summary: error: BNLAB_KERNELS='garbage' is not one of 1, true, yes, on, 0, false, no, off (any case); "
+        "set BNLAB_KERNELS=0 for the tensor-op implementation, or unset it for the compiled kernels"
+    ]
 
 
 @needs_kernels
