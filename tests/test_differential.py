@@ -5,9 +5,9 @@ strided slice), the layer's options and a kind of special value (NaN, +inf, -inf
 denormal, a constant feature, a large mean with a tiny spread), then trains a layer for two steps
 and evaluates it, forward and backward, three ways: bnlab with its compiled kernels, bnlab with its
 tensor ops (``use_kernels(False)``) and torch.nn.BatchNorm with the same options (bnlab's fused
-ReLU: torch.relu after the layer). Compared: y, dx, dweight, dbias, running_mean, running_var and
-num_batches_tracked, with ``assert_same`` (the same NaN, +inf and -inf places; finite values within
-``TOLERANCE``):
+ReLU: torch.relu after the layer), the gradients with or without ``create_graph``. Compared: y, dx,
+dweight, dbias, running_mean, running_var and num_batches_tracked, with ``assert_same`` (the same
+NaN, +inf and -inf places; finite values within ``TOLERANCE``):
 
 - kernels against tensor ops, always: they are one set of operations (what they do with
   non-finite and huge values: ``bnlab/nn/statistics.py``'s docstring);
@@ -81,6 +81,7 @@ class Case:
     eps: float
     special: str
     at_first: bool  # a special value at each feature's first position (the shift bnlab's moments use)
+    create_graph: bool  # gradients that can be differentiated again (bnlab: another formula, naive_batch_norm's)
     seed: int
 
 
@@ -110,6 +111,7 @@ def cases(draw) -> Case:
         eps=draw(st.sampled_from([1e-5, 1e-3])),
         special=draw(st.sampled_from(SPECIALS)),
         at_first=draw(st.booleans()),
+        create_graph=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -137,8 +139,8 @@ def make_input(case: Case, g: torch.Generator) -> torch.Tensor:
     elif case.special == "both infs":
         flat[positions(1)] = float("inf")
         flat[positions(1)] = -float("inf")
-    elif case.special == "huge":  # of one sign, so that no difference of two values overflows
-        sign = 1.0 if int(torch.randint(2, (), generator=g)) else -1.0
+    elif case.special == "huge":  # of one sign per case: no difference of two values (or of x and a mean) overflows
+        sign = 1.0 if case.seed % 2 else -1.0
         huge = _huge(dtype)
         flat[positions(2)] = sign * huge[int(torch.randint(len(huge), (), generator=g))]
     elif case.special == "denormal":
@@ -188,18 +190,15 @@ def make_layers(case: Case, g: torch.Generator) -> dict[str, torch.nn.Module]:
 def step(name: str, layer: torch.nn.Module, case: Case, x: torch.Tensor, dy: torch.Tensor, index: int) -> dict:
     """One forward and backward (training for steps 0 and 1, eval for step 2): the tensors compared."""
     layer.train(index < 2)
-    layer.zero_grad()
+    xi = x.detach().clone().requires_grad_()
+    leaves = {"dx": xi, "dweight": layer.weight if case.affine else None, "dbias": layer.bias if case.bias else None}
+    leaves = {key: leaf for key, leaf in leaves.items() if leaf is not None}
     with kernels.use_kernels(name == "kernels"):
-        xi = x.detach().clone().requires_grad_()
         y = layer(xi)
         if name == "torch.nn" and case.relu:
             y = torch.relu(y)
-        y.backward(dy)
-    out = {f"y{index}": y.detach(), f"dx{index}": xi.grad}
-    if case.affine:
-        out[f"dweight{index}"] = layer.weight.grad
-        if case.bias:
-            out[f"dbias{index}"] = layer.bias.grad
+        grads = torch.autograd.grad(y, list(leaves.values()), dy, create_graph=case.create_graph)
+    out = {f"y{index}": y.detach()} | {f"{key}{index}": g.detach() for key, g in zip(leaves, grads, strict=True)}
     if case.track and index == 1:
         out |= {"running_mean": layer.running_mean.clone(), "running_var": layer.running_var.clone()}
         out["num_batches_tracked"] = layer.num_batches_tracked.clone()
@@ -337,7 +336,7 @@ def test_large_inputs_split_across_threads_agree(layout, special):
     case = Case(
         shape=(16, 3, 40, 40), dtype=torch.float32, param_dtype=torch.float32, layout=layout, affine=True,
         bias=True, relu=False, momentum=0.1, unbiased=True, track=True, eps=1e-5, special=special, at_first=False,
-        seed=0,
+        create_graph=False, seed=0,
     )  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(max(threads, 2))  # conftest restores it
