@@ -90,6 +90,9 @@ def _load() -> ctypes.CDLL | None:
     return _library
 
 
+_OPERATORS = ("batch_norm_train", "batch_norm_backward", "batch_norm_eval")  # those operators.cpp has kernels for
+
+
 def _register(on: bool) -> None:
     """Add the library's kernels to the dispatcher, or remove them."""
     global _installed
@@ -101,6 +104,12 @@ def _register(on: bool) -> None:
     else:
         _library.bnlab_deregister()
     _installed = on
+    # The Python dispatcher (tracing, fake tensors, torch.compile) caches per operator which kernel serves each
+    # dispatch key, and C++ registrations do not reset it: after use_kernels(False), a compiled model went on
+    # looking for the removed AutogradCPU kernel and its backward silently left x.grad None. PyTorch clears the
+    # same private cache where it changes registrations itself (torch/export/exported_program.py).
+    for name in _OPERATORS:
+        getattr(torch.ops.bnlab, name).default._dispatch_cache.clear()
 
 
 def install() -> bool:

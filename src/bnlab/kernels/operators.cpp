@@ -120,7 +120,13 @@ void on_type(at::ScalarType type, F&& f) {
     TORCH_CHECK_TYPE(false, "bnlab's CPU batch norm computes in float32 or float64, not ", type);
 }
 
-Tensor in_type(const Tensor& t, at::ScalarType type) { return t.scalar_type() == type ? t : t.to(type); }
+// out (computed in the kernels' dtype and layout) as a tensor like input: its dtype, and the strides of
+// at::empty_like(input), which ops.py's fake implementations promise (code torch.compile generates relies on
+// them; a transposed input made it fail). Only inputs the kernels do not take directly are copied.
+Tensor like_input(const Tensor& out, const Tensor& input) {
+  if (out.strides() != input.strides()) return at::empty_like(input).copy_(out);
+  return out.scalar_type() == input.scalar_type() ? out : out.to(input.scalar_type());
+}
 
 // The dtype of the weight and bias gradients (statistics.parameter_dtype): the compute dtype, or the weight's if
 // wider, never a float16 that would round or overflow a float32 parameter's gradient.
@@ -181,7 +187,7 @@ std::tuple<Tensor, Tensor> train_cpu(const Tensor& input, const OptionalTensor& 
   const double count = static_cast<double>(sh.N * sh.S);
   follow(running_mean, stats, 0, 1.0, momentum);
   follow(running_var, stats, 1, unbiased ? count / (count - 1) : 1.0, momentum);
-  return {in_type(y, input.scalar_type()), stats};
+  return {like_input(y, input), stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& input, const OptionalTensor& weight,
@@ -216,7 +222,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& input, const Optio
       db[c] = static_cast<P>(sum_dz[c]);
     }
   });
-  return {in_type(dx, input.scalar_type()), dweight, dbias};
+  return {like_input(dx, input), dweight, dbias};
 }
 
 Tensor eval_cpu(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const Tensor& mean,
@@ -239,7 +245,7 @@ Tensor eval_cpu(const Tensor& input, const OptionalTensor& weight, const Optiona
     k::normalize<T>(in<T>(x), out<T>(y), sh, at::get_num_threads(), in<double>(m), invstd.data(), in<T>(w),
                     in<T>(b), relu);
   });
-  return in_type(y, input.scalar_type());
+  return like_input(y, input);
 }
 
 // ---- autograd ----
