@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ import torch
 
 import bnlab
 from bnlab import kernels
+from bnlab.errors import UsageError
 from bnlab.kernels import build
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="needs the compiled kernels")
@@ -90,11 +94,8 @@ def test_a_failing_build_falls_back(fresh_kernels, monkeypatch):
 
 def test_a_cached_library_is_verified_and_reused(fresh_kernels, pristine, monkeypatch):
     cached = _install_in_cache(pristine)
-    calls = []
-    real_run = subprocess.run
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real_run(cmd, **kw))
+    monkeypatch.setattr(build, "_run_compiler", lambda command: pytest.fail(f"recompiled: {command}"))
     assert build.library(build.compiler()) == cached
-    assert all("--version" in cmd for cmd in calls)  # nothing recompiled
 
 
 @pytest.mark.parametrize("damage", ["truncate", "overwrite"])
@@ -130,9 +131,113 @@ def test_env_var_turns_the_kernels_off():
         "from bnlab import kernels; import torch, bnlab; bnlab.BatchNorm1d(3)(torch.randn(4, 3)); "
         "print(kernels.status(), kernels._installed)"
     )
-    env = os.environ | {"BNLAB_KERNELS": "0"}
+    env = os.environ | {"BNLAB_KERNELS": " Off "}  # any case, spaces ignored
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("tensor ops (kernels turned off") and out.strip().endswith("False")
+
+
+@pytest.mark.parametrize(
+    ("value", "on"),
+    [
+        *[("1", True), ("TRUE", True), (" yes", True), ("on", True), ("", True), (" ", True)],
+        *[("0", False), ("false", False), ("No", False), ("OFF ", False)],
+    ],
+)
+def test_env_values_that_switch_the_kernels(monkeypatch, value, on):
+    monkeypatch.setenv("BNLAB_KERNELS", value)
+    assert kernels._from_environment() is on
+
+
+@pytest.mark.parametrize("value", ["garbage", "2", "0ff", "-", "enabled"])
+def test_unknown_env_values_are_refused(monkeypatch, value):
+    monkeypatch.setenv("BNLAB_KERNELS", value)
+    with pytest.raises(UsageError, match=f"BNLAB_KERNELS={value!r} is not one of 1, true, yes, on, 0, false, no, off"):
+        kernels._from_environment()
+
+
+def test_an_unknown_env_value_is_a_one_line_cli_error_at_first_use():
+    """BNLAB_KERNELS=garbage silently meant "on"; now the first batch-norm call refuses it: one line, exit 2."""
+    env = os.environ | {"BNLAB_KERNELS": "garbage"}
+    cli = subprocess.run([sys.executable, "-m", "bnlab.cli", "summary"], env=env, capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stdout == ""
+    assert cli.stderr.strip().splitlines() == [
+        "bnlab summary: error: BNLAB_KERNELS='garbage' is not one of 1, true, yes, on, 0, false, no, off (any case); "
+        "set BNLAB_KERNELS=0 for the tensor-op implementation, or unset it for the compiled kernels"
+    ]
+
+
+def _processes() -> dict[int, tuple[str, str, int, int]]:
+    """pid -> (name, state, parent pid, process group) of every process, from /proc."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            text = stat.read_text()
+            state, parent, group = text[text.rindex(")") + 2 :].split()[:3]
+            table[int(stat.parent.name)] = (
+                text[text.index("(") + 1 : text.rindex(")")],
+                state,
+                int(parent),
+                int(group),
+            )
+    return table
+
+
+def _compiler_processes(cli: int) -> set[int]:
+    """The processes ``cli`` started and theirs, once the compiler driver runs a child (cc1plus); else empty."""
+    table = _processes()
+    found, depth, frontier = set(), 0, {cli}
+    while frontier:
+        frontier = {pid for pid, (_, state, parent, _) in table.items() if parent in frontier and state != "Z"}
+        found |= frontier
+        depth += 1 if frontier else 0
+    return found if depth >= 2 else set()
+
+
+def _survivors(pids: set[int], group: int) -> list[str]:
+    """Which of ``pids``, and of the processes in ``group`` (unless it is this test's own), still run."""
+    own = os.getpgrp()
+    return [
+        f"{name} ({pid})"
+        for pid, (name, state, _, pgrp) in _processes().items()
+        if state not in "ZX" and (pid in pids or (pgrp == group and group != own))
+    ]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists() or build.compiler() is None, reason="needs /proc, a compiler")
+def test_an_interrupted_build_ends_the_whole_compiler_process_group(tmp_path):
+    """SIGTERM to bnlab during the first-use build: exit 130, no compiler process survives (cc1plus, started by the
+    compiler driver, kept running as an orphan), and the temporary build folder is gone."""
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path), "BNLAB_KERNELS": "1"}  # an empty cache: a real build
+    command = [sys.executable, "-m", "bnlab.cli", "summary"]
+    bnlab_cli = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    compilers, group = set(), 0
+    try:
+        deadline = time.monotonic() + 120
+        while not compilers and bnlab_cli.poll() is None and time.monotonic() < deadline:
+            compilers = _compiler_processes(bnlab_cli.pid)
+            time.sleep(0.05)
+        assert compilers, f"no compiler seen running: {bnlab_cli.poll()}"
+        group = _processes()[min(compilers)][3]  # the driver's (the first started, lowest pid unless pids wrapped)
+        bnlab_cli.send_signal(signal.SIGTERM)
+        _, stderr = bnlab_cli.communicate(timeout=60)
+        assert bnlab_cli.returncode == 130, stderr
+        assert stderr.strip().endswith("bnlab summary: interrupted; files already written are intact")
+        # killed, they are gone at once; an orphan would go on compiling for far longer (the build takes 20-40 s)
+        deadline = time.monotonic() + 5
+        while _survivors(compilers, group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _survivors(compilers, group) == []
+        assert list((tmp_path / "bnlab" / "kernels").iterdir()) == []  # no build folder, no library
+    finally:
+        if bnlab_cli.poll() is None:
+            bnlab_cli.kill()
+        bnlab_cli.communicate()
+        for pid in compilers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if group and group != os.getpgrp():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
 
 
 @needs_kernels

@@ -131,3 +131,73 @@ def test_the_operators_are_registered_with_the_dispatcher():
     x = torch.randn(4, 3, 2, 2, device="meta")
     y, stats = torch.ops.bnlab.batch_norm_train(x, None, None, None, None, 0.1, 1e-5, True, False)  # fake
     assert y.shape == x.shape and stats.shape == (3, 3) and stats.dtype == torch.float64
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_export_and_compile_take_an_empty_batch(use_kernels, training):
+    """The fake implementations accept N=0 as the real ones do (torch.nn's behaviour: an empty output)."""
+    model = _model().train(training)
+    reference = copy.deepcopy(model)
+    x = _inputs(0)
+    exported = torch.export.export(copy.deepcopy(model), (x,)).module()
+    assert exported(x).shape == reference(x).shape == (0, 10)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = x.requires_grad_()
+    y = compiled(x)
+    y.sum().backward()
+    assert y.shape == (0, 10) and x.grad.shape == x.shape
+    assert torch.equal(model[1].weight.grad, torch.zeros(8))
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean, rtol=0, atol=0)
+    assert model[1].num_batches_tracked == reference[1].num_batches_tracked
+
+
+def test_the_fake_implementations_give_an_empty_batch_and_mixed_precision_their_shapes():
+    x = torch.empty(0, 3, 4, device="meta", dtype=torch.float16)
+    weight = torch.empty(3, device="meta")
+    y, stats = torch.ops.bnlab.batch_norm_train(x, weight, None, None, None, 0.1, 1e-5, True, False)
+    assert y.shape == x.shape and stats.shape == (3, 3)
+    dx, dweight, dbias = torch.ops.bnlab.batch_norm_backward(x, weight, stats, x, None)
+    assert dx.dtype == torch.float16 and dweight.dtype == dbias.dtype == torch.float32
+
+
+LAYOUTS = {
+    "contiguous": lambda x: x,
+    "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+    "transposed": lambda x: x.transpose(2, 3),  # dense, neither layout the kernels take directly
+    "sliced": lambda x: x[:, :, ::2],
+}
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype"),
+    [pytest.param(name, torch.float16, id=f"{name}-float16") for name in LAYOUTS]
+    + [pytest.param("contiguous", torch.float32, id="contiguous-float32")],
+)
+def test_opcheck_fake_implementations_match_the_kernels_for_every_layout(use_kernels, layout, dtype):
+    """torch.library.opcheck: schemas, fake implementations (shapes, dtypes, strides), AOT dispatch and autograd.
+
+    For a transposed input the kernels returned a contiguous y where the fake implementation promises
+    empty_like(x)'s strides, and code torch.compile (inductor) generated for it failed.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = LAYOUTS[layout](torch.randn(4, 3, 6, 5, generator=g).to(dtype)).requires_grad_()
+    weight, bias = (torch.randn(3, generator=g).requires_grad_() for _ in range(2))
+    running = [torch.zeros(3), torch.ones(3)]
+    torch.library.opcheck(torch.ops.bnlab.batch_norm_train.default, (x, weight, bias, *running, 0.1, 1e-5, True, True))
+    torch.library.opcheck(torch.ops.bnlab.batch_norm_eval.default, (x, weight, bias, *running, 1e-5, True))
+    y, stats = torch.ops.bnlab.batch_norm_train(x.detach(), weight.detach(), None, None, None, 0.1, 1e-5, True, True)
+    dy = torch.randn(y.shape, generator=g).to(y.dtype)
+    torch.library.opcheck(torch.ops.bnlab.batch_norm_backward.default, (x.detach(), weight.detach(), stats, dy, y))
+
+
+def test_turning_the_kernels_off_after_tracing_them_keeps_gradients():
+    """The Python dispatcher cached which kernel serves AutogradCPU; after use_kernels(False) it went on asking for
+    the removed C++ one, and the AOT-traced backward silently gave no gradients (opcheck: "different gradients")."""
+    x = _inputs(4).requires_grad_()
+    weight, bias = torch.ones(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    args = (x, weight, bias, None, None, 0.1, 1e-5, True, False)
+    check = ("test_aot_dispatch_dynamic",)
+    with kernels.use_kernels(True):
+        torch.library.opcheck(torch.ops.bnlab.batch_norm_train.default, args, test_utils=check)
+    with kernels.use_kernels(False):
+        torch.library.opcheck(torch.ops.bnlab.batch_norm_train.default, args, test_utils=check)

@@ -8,15 +8,20 @@ machine builds anew. SHA is the first 16 hex digits of the
 file's own SHA-256, checked before every load: a truncated or overwritten library (which would crash
 the process with SIGBUS when loaded) is deleted and rebuilt, with a warning, instead of loaded.
 Files are written under a temporary name and renamed into place, so concurrent builders each
-install a complete library.
+install a complete library. The compiler runs in a process group of its own: if the build is
+interrupted (Ctrl-C, or the ``bnlab`` command's SIGTERM handler raising ``Interrupted``), the whole
+group is ended, the compiler driver's children (cc1plus, as, ld) with it, and the temporary build
+folder is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,6 +93,33 @@ def library(cxx: str) -> Path:
     return _compile(cxx, directory, build_key)
 
 
+def _end_group(process: subprocess.Popen) -> None:
+    """End the process group led by ``process``: SIGTERM (gcc's driver then deletes its temporary files), SIGKILL
+    for whatever is left, also if a second interrupt arrives meanwhile; ``process`` reaped."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _run_compiler(command: list[str]) -> subprocess.CompletedProcess:
+    """``subprocess.run(command)`` with the output captured, in a new session: if this process is interrupted
+    (or anything else raises meanwhile), the compiler and every process it started are ended before the
+    exception goes on. (A SIGTERM to bnlab otherwise left cc1plus running as an orphan.)"""
+    pipe = subprocess.PIPE
+    with subprocess.Popen(command, stdout=pipe, stderr=pipe, text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate()
+        except BaseException:
+            _end_group(process)
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def _compile(cxx: str, directory: Path, key: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     # a first CPU batch norm otherwise stalls for a minute without a word
@@ -98,7 +130,7 @@ def _compile(cxx: str, directory: Path, key: str) -> Path:
         # Without OpenMP (e.g. Apple clang) the pragmas are ignored: one thread, still one pass fewer.
         for flags in (FLAGS, [f for f in FLAGS if f != "-fopenmp"]):
             command = [cxx, *flags, *torch_flags(), str(SOURCE), "-o", str(output), "-lc10", "-ltorch_cpu"]
-            result = subprocess.run(command, capture_output=True, text=True)
+            result = _run_compiler(command)
             if result.returncode == 0:
                 target = directory / f"operators-{key}-{_digest(output)}.so"
                 os.replace(output, target)  # atomic: a reader sees no library or a whole one

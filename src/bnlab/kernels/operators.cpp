@@ -18,6 +18,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -60,7 +61,7 @@ void check_feature(const Tensor& x, const OptionalTensor& t, const char* name) {
 }
 
 void check_values_per_feature(const Tensor& x) {
-  TORCH_CHECK_VALUE(x.numel() / x.size(1) > 1,
+  TORCH_CHECK_VALUE(x.numel() / x.size(1) != 1,
                     "batch norm in training needs more than one value per feature, got input of shape ", x.sizes(),
                     "; use a batch of two or more samples, or call model.eval() to normalize with the running "
                     "statistics.");
@@ -119,17 +120,26 @@ void on_type(at::ScalarType type, F&& f) {
     TORCH_CHECK_TYPE(false, "bnlab's CPU batch norm computes in float32 or float64, not ", type);
 }
 
-Tensor in_type(const Tensor& t, at::ScalarType type) { return t.scalar_type() == type ? t : t.to(type); }
+// out (computed in the kernels' dtype and layout) as a tensor like input: its dtype, and the strides of
+// at::empty_like(input), which ops.py's fake implementations promise (code torch.compile generates relies on
+// them; a transposed input made it fail). Only inputs the kernels do not take directly are copied.
+Tensor like_input(const Tensor& out, const Tensor& input) {
+  if (out.strides() != input.strides()) return at::empty_like(input).copy_(out);
+  return out.scalar_type() == input.scalar_type() ? out : out.to(input.scalar_type());
+}
 
-// running <- lerp(running, factor * batch, momentum) in the buffer's dtype, with torch.Tensor.lerp_'s
-// formula (statistics.running_update's): the two paths differ only as their statistics do, by rounding.
+// The dtype of the weight and bias gradients (statistics.parameter_dtype): the compute dtype, or the weight's if
+// wider, never a float16 that would round or overflow a float32 parameter's gradient.
+at::ScalarType parameter_type(at::ScalarType type, const OptionalTensor& weight) {
+  return weight && weight->defined() ? at::promote_types(type, weight->scalar_type()) : type;
+}
+
+// running <- (1 - momentum) * running + momentum * factor * batch in the buffer's dtype: torch.nn's formula and
+// statistics.running_update's, so the two paths differ only as their statistics do, by rounding.
 template <typename R>
-void lerp_into(R* running, const double* batch, double factor, double momentum, int64_t C) {
-  const R w = static_cast<R>(momentum);
-  for (int64_t c = 0; c < C; c++) {
-    const R start = running[c], end = static_cast<R>(batch[c] * factor);
-    running[c] = std::abs(w) < R(0.5) ? start + w * (end - start) : end - (end - start) * (R(1) - w);
-  }
+void update_into(R* running, const double* batch, double factor, double momentum, int64_t C) {
+  const R keep = static_cast<R>(1.0 - momentum), w = static_cast<R>(momentum);
+  for (int64_t c = 0; c < C; c++) running[c] = running[c] * keep + static_cast<R>(batch[c] * factor) * w;
 }
 
 // running follows row `row` of stats (0: mean, 1: biased var), times factor.
@@ -140,11 +150,11 @@ void follow(const OptionalTensor& running, const Tensor& stats, int64_t row, dou
     const double* batch = stats.const_data_ptr<double>() + row * stats.size(1);
     on_type(r.scalar_type(), [&](auto zero) {
       using R = decltype(zero);
-      lerp_into<R>(r.mutable_data_ptr<R>(), batch, factor, momentum, r.numel());
+      update_into<R>(r.mutable_data_ptr<R>(), batch, factor, momentum, r.numel());
     });
     torch::autograd::impl::bump_version(r);
   } else {  // a strided view or a half-precision buffer: tensor ops
-    r.lerp_(stats[row].mul(factor).to(r.scalar_type()), momentum);
+    r.mul_(1.0 - momentum).add_(stats[row].mul(factor).to(r.scalar_type()), momentum);
   }
 }
 
@@ -159,6 +169,11 @@ std::tuple<Tensor, Tensor> train_cpu(const Tensor& input, const OptionalTensor& 
   check_feature(input, running_mean, "running_mean");
   check_feature(input, running_var, "running_var");
   check_values_per_feature(input);
+  if (input.numel() == 0) {  // as torch.nn: an empty output, the running statistics left as they are
+    Tensor stats = at::zeros({3, input.size(1)}, input.options().dtype(at::kDouble));
+    stats[2].fill_(1.0 / std::sqrt(eps));  // statistics.moments and make_stats of no values
+    return {at::empty_like(input), stats};
+  }
   const auto type = compute_type(input);
   const Tensor x = kernel_input(input, type), w = per_feature(weight, type), b = per_feature(bias, type);
   const k::Shape sh = shape_of(x);
@@ -172,7 +187,7 @@ std::tuple<Tensor, Tensor> train_cpu(const Tensor& input, const OptionalTensor& 
   const double count = static_cast<double>(sh.N * sh.S);
   follow(running_mean, stats, 0, 1.0, momentum);
   follow(running_var, stats, 1, unbiased ? count / (count - 1) : 1.0, momentum);
-  return {in_type(y, input.scalar_type()), stats};
+  return {like_input(y, input), stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& input, const OptionalTensor& weight,
@@ -185,18 +200,29 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& input, const Optio
                         grad.sizes() == input.sizes() && output_matches,
                     "bnlab::batch_norm_backward: stats, dy or y do not match x of shape ", input.sizes());
   const auto type = compute_type(input);
+  const auto options = input.options().dtype(parameter_type(type, weight));
+  if (input.numel() == 0)  // sums over no values
+    return {at::empty_like(input), at::zeros({input.size(1)}, options), at::zeros({input.size(1)}, options)};
   const Tensor x = kernel_input(input, type), w = per_feature(weight, type);
   const Tensor dy = like(grad, x), y = output && output->defined() ? like(*output, x) : Tensor();
   const Tensor st = stats.to(at::kDouble).contiguous();
   const k::Shape sh = shape_of(x);
-  Tensor dx = at::empty_like(x), dweight = at::empty({sh.C}, x.options()), dbias = at::empty({sh.C}, x.options());
+  Tensor dx = at::empty_like(x), dweight = at::empty({sh.C}, options), dbias = at::empty({sh.C}, options);
+  std::vector<double> sum_dz_xhat(sh.C), sum_dz(sh.C);
   on_type(type, [&](auto zero) {
     using T = decltype(zero);
-    k::backward<T>(in<T>(x), in<T>(w), in<double>(st), in<T>(dy), in<T>(y), out<T>(dx), out<T>(dweight),
-                   out<T>(dbias), sh, at::get_num_threads());
+    k::backward<T>(in<T>(x), in<T>(w), in<double>(st), in<T>(dy), in<T>(y), out<T>(dx), sum_dz_xhat.data(),
+                   sum_dz.data(), sh, at::get_num_threads());
   });
-  const auto result = input.scalar_type();
-  return {in_type(dx, result), in_type(dweight, result), in_type(dbias, result)};
+  on_type(dweight.scalar_type(), [&](auto zero) {
+    using P = decltype(zero);
+    P *dw = out<P>(dweight), *db = out<P>(dbias);
+    for (int64_t c = 0; c < sh.C; c++) {
+      dw[c] = static_cast<P>(sum_dz_xhat[c]);
+      db[c] = static_cast<P>(sum_dz[c]);
+    }
+  });
+  return {like_input(dx, input), dweight, dbias};
 }
 
 Tensor eval_cpu(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const Tensor& mean,
@@ -219,7 +245,7 @@ Tensor eval_cpu(const Tensor& input, const OptionalTensor& weight, const Optiona
     k::normalize<T>(in<T>(x), out<T>(y), sh, at::get_num_threads(), in<double>(m), invstd.data(), in<T>(w),
                     in<T>(b), relu);
   });
-  return in_type(y, input.scalar_type());
+  return like_input(y, input);
 }
 
 // ---- autograd ----

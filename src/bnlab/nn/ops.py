@@ -9,10 +9,11 @@ gradients that are differentiated again, below)::
     bnlab::batch_norm_eval(x, weight?, bias?, mean, var, eps, relu) -> y         population statistics
 
 ``stats`` is float64 (3, C) [mean, biased var, invstd]; ``y`` in backward masks dy under a fused
-ReLU. Like ``aten::native_batch_norm``, the training operator updates the running statistics it is
-given (``running <- (1 - momentum) * running + momentum * batch``, the variance times M / (M - 1)
-if ``unbiased``), declared in its schema, so export and compile functionalize the update and
-tracing records it.
+ReLU; dweight and dbias come in ``statistics.parameter_dtype`` (never float16). Like
+``aten::native_batch_norm``, the training operator updates the running statistics it is given
+(``running <- (1 - momentum) * running + momentum * batch``, the variance times M / (M - 1) if
+``unbiased``; an empty batch leaves them as they are), declared in its schema, so export and
+compile functionalize the update and tracing records it.
 
 Each operator has a fake (meta) implementation, so torch.compile, torch.export and FakeTensor
 tracing know output shapes without running it; a tensor-op implementation (``statistics.py``) for
@@ -82,8 +83,8 @@ def check_shapes(x: Tensor, **per_feature: Tensor | None) -> None:
 
 
 def check_values_per_feature(x: Tensor) -> None:
-    """Batch statistics need two or more values per feature."""
-    if x.numel() // x.shape[1] <= 1:
+    """Batch statistics need two or more values per feature; none (an empty batch) is fine, as in torch.nn."""
+    if x.numel() // x.shape[1] == 1:
         raise ValueError(
             f"batch norm in training needs more than one value per feature, got input of shape "
             f"{list(x.shape)}; use a batch of two or more samples, or call model.eval() to "
@@ -161,16 +162,16 @@ def _eval_backward(
     """y = (x - mean) * scale + bias is affine in x: its gradients are tensor ops, differentiable again."""
     acc = statistics.compute_dtype(x)
     invstd = torch.rsqrt(var.to(acc) + eps)
-    dz = (dy if y is None else torch.where(y > 0, dy, 0)).to(acc)
+    dz = (dy if y is None else torch.where(y <= 0, 0, dy)).to(acc)  # statistics.gradient_sums' mask
     dx = dweight = dbias = x.new_empty(0)
     if output_mask[0]:
         scale = invstd if weight is None else invstd * weight.to(acc)
         dx = (dz * statistics.per_feature(scale, x)).to(x.dtype)
     if output_mask[1]:
         xhat = (x.to(acc) - statistics.per_feature(mean.to(acc), x)) * statistics.per_feature(invstd, x)
-        dweight = (dz * xhat).sum(statistics.reduce_dims(x)).to(x.dtype)
+        dweight = (dz * xhat).sum(statistics.reduce_dims(x)).to(statistics.parameter_dtype(x, weight))
     if output_mask[2]:
-        dbias = dz.sum(statistics.reduce_dims(x)).to(x.dtype)
+        dbias = dz.sum(statistics.reduce_dims(x)).to(statistics.parameter_dtype(x, weight))
     return dx, dweight, dbias
 
 
@@ -193,7 +194,8 @@ def _train_fake(x, weight, bias, running_mean, running_var, momentum, eps, unbia
 
 @torch.library.register_fake("bnlab::batch_norm_backward")
 def _backward_fake(x, weight, stats, dy, y):
-    return torch.empty_like(x), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+    dtype = statistics.parameter_dtype(x, weight)
+    return torch.empty_like(x), x.new_empty(x.shape[1], dtype=dtype), x.new_empty(x.shape[1], dtype=dtype)
 
 
 @torch.library.register_fake("bnlab::batch_norm_eval")

@@ -20,6 +20,13 @@ Accuracy: moments are taken around a per-feature shift K (the feature's first va
 mean with a small spread (1e4 +- 1 in float32) costs no precision; the float64 mean is applied as
 a pair hi + lo of x's type, so x - mean is as exact as that type allows. float16/bfloat16 inputs
 are computed in float32.
+
+Non-finite and huge values (the compiled kernels, ``kernels/batch_norm.h``, do the same operations):
+a feature holding a NaN, or both infinities, gets a NaN mean and variance; one holding one
+infinity gets that infinity as its mean and a NaN variance (torch.nn's statistics); either way
+its outputs are NaN, and so are the running statistics that follow. A variance beyond the
+compute dtype's range is inf, so the feature normalizes to its bias (torch.nn too). Under a fused
+ReLU the gradient is dropped where y <= 0 and passed where y is NaN, as torch.relu's backward.
 """
 
 from __future__ import annotations
@@ -34,6 +41,16 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the arithmetic runs in: float32 for half-precision inputs, else x's own."""
     return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+
+
+def parameter_dtype(x: Tensor, weight: Tensor | None) -> torch.dtype:
+    """The dtype of the weight and bias gradients: the compute dtype, or the weight's if wider.
+
+    Not x's: float16 input with float32 parameters (mixed precision) would round their gradients to
+    float16, or overflow them to inf. Autograd casts them to each parameter's own dtype.
+    """
+    acc = compute_dtype(x)
+    return acc if weight is None else torch.promote_types(acc, weight.dtype)
 
 
 def reduce_dims(x: Tensor) -> list[int]:
@@ -51,15 +68,29 @@ def values_per_feature(x: Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
+def shift(xs: Tensor) -> Tensor:
+    """A value of each feature of xs (N, C, *), (C,): the first, or 0 where that is not finite (x - inf would be
+    -inf or NaN everywhere); zeros for an empty batch. Moments taken around it lose nothing to a large mean."""
+    if xs.numel() == 0:
+        return xs.new_zeros(xs.shape[1])
+    return xs[0].reshape(xs.shape[1], -1)[:, 0].nan_to_num(0.0, 0.0, 0.0)
+
+
 def moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, biased var) per feature of x (N, C, *), float64 (C,); zeros for an empty batch."""
+    """(mean, biased var) per feature of x (N, C, *), float64 (C,); zeros for an empty batch.
+
+    The variance is one of the compute dtype (inf beyond its range); the mean is float64.
+    """
     if x.shape[0] == 0 or x.numel() == 0:
         zeros = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
         return zeros, zeros.clone()
     xs = x.to(compute_dtype(x))
-    shift = xs[0].reshape(x.shape[1], -1)[:, 0]  # a value of each feature: x - K is small
-    var, mean = torch.var_mean(xs - per_feature(shift, x), reduce_dims(x), correction=0)
-    return shift.double() + mean.double(), var.double()
+    k = shift(xs)
+    deviations = xs - per_feature(k, x)
+    var, mean = torch.var_mean(deviations, reduce_dims(x), correction=0)
+    # var_mean's running (Welford) mean is NaN for a feature holding one infinity; the mean is that infinity
+    mean = torch.where(mean.isnan(), deviations.mean(reduce_dims(x)), mean)
+    return k.double() + mean.double(), var.double()
 
 
 def combine_moments(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,7 +144,7 @@ def forward_train(
 def gradient_sums(x: Tensor, stats: Tensor, dy: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """(dz, sum(dz), sum(dz * xhat)) per feature; the sums float64 (C,)."""
     acc = compute_dtype(x)
-    dz = dy if y is None else torch.where(y > 0, dy, 0)  # as ReLU's backward: no inf * 0 = nan
+    dz = dy if y is None else torch.where(y <= 0, 0, dy)  # torch.relu's backward: no inf * 0 = nan; NaN y passes
     hi, lo = _split(stats[0], acc)
     xhat = (x.to(acc) - per_feature(hi, x)).sub_(per_feature(lo, x)).mul_(per_feature(stats[2].to(acc), x))
     sum_dz = dz.sum(reduce_dims(x), dtype=acc).double()
@@ -143,16 +174,29 @@ def backward(
     """(dx, dweight, dbias) of ``forward_train`` on this process's batch alone."""
     dz, sum_dz, sum_dz_xhat = gradient_sums(x, stats, dy, y)
     dx = input_gradient(x, weight, stats, dz, sum_dz, sum_dz_xhat, values_per_feature(x))
-    return dx, sum_dz_xhat.to(x.dtype), sum_dz.to(x.dtype)
+    dtype = parameter_dtype(x, weight)
+    return dx, sum_dz_xhat.to(dtype), sum_dz.to(dtype)
 
 
 def naive_batch_norm(
     x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5, relu: bool = False
 ) -> Tensor:
-    """Training-mode batch norm as the notebook writes it; autograd differentiates every op (double backward)."""
+    """Training-mode batch norm as the notebook writes it; autograd differentiates every op (double backward).
+
+    Taken around ``shift`` (a constant, so the derivatives are the formula's): without it, the gradients under
+    create_graph were off by 7.5e-4 at mean 1e4 in float32, where the closed form's are within 1e-7. Values
+    near 3e38 made them NaN where the closed form's are 0 (a variance beyond float32 normalizes to the bias),
+    as three backward formulas overflow there: a plain sum's mean, var_mean's (it recomputes that mean) and
+    square's (2 * d). Hence Welford's mean from var_mean, and the variance as the mean of d * d.
+    """
     xs = x.to(compute_dtype(x))
-    var, mean = torch.var_mean(xs, reduce_dims(x), keepdim=True, correction=0)
-    y = (xs - mean) / torch.sqrt(var + eps)
+    dims = reduce_dims(x)
+    centered = xs - per_feature(shift(xs.detach()), x)
+    empty = x.numel() == 0  # (var_mean would warn: an empty output, any statistics do)
+    mean = centered.sum(dims, keepdim=True) if empty else torch.var_mean(centered, dims, keepdim=True, correction=0)[1]
+    deviations = centered - mean
+    var = (deviations * deviations).mean(dims, keepdim=True)
+    y = deviations * torch.rsqrt(var + eps)
     if weight is not None:
         y = y * per_feature(weight, x)
     if bias is not None:
@@ -163,9 +207,15 @@ def naive_batch_norm(
 def running_update(
     running_mean: Tensor | None, running_var: Tensor | None, stats: Tensor, count: int, momentum: float, unbiased: bool
 ) -> None:
-    """running <- (1 - momentum) * running + momentum * batch; the variance made unbiased (M / (M - 1)) if asked."""
+    """running <- (1 - momentum) * running + momentum * batch; the variance made unbiased (M / (M - 1)) if asked.
+
+    torch.nn's formula, not ``lerp_``'s, which differs where a statistic is infinite: lerp(inf, x, 0.1) is NaN
+    where torch.nn keeps inf. A batch of no values (count 0) leaves the running statistics as they are (torch.nn).
+    """
+    if count == 0:
+        return
     if running_mean is not None:
-        running_mean.lerp_(stats[0].to(running_mean.dtype), momentum)
+        running_mean.mul_(1 - momentum).add_(stats[0].to(running_mean.dtype), alpha=momentum)
     if running_var is not None:
         var = stats[1] * (count / (count - 1)) if unbiased else stats[1]
-        running_var.lerp_(var.to(running_var.dtype), momentum)
+        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
