@@ -80,7 +80,8 @@ class SyncBatchNorm(torch.autograd.Function):
             )
         x, weight, stats, y = ctx.saved_tensors
         dz, sum_dz, sum_dz_xhat = statistics.gradient_sums(x, stats, dy, y)
-        dweight, dbias = sum_dz_xhat.to(x.dtype), sum_dz.to(x.dtype)  # local: DDP reduces parameter gradients
+        grad_dtype = statistics.parameter_dtype(x, weight)  # as the local path: mixed precision keeps its range
+        dweight, dbias = sum_dz_xhat.to(grad_dtype), sum_dz.to(grad_dtype)  # local: DDP reduces parameter gradients
         both = torch.stack([sum_dz, sum_dz_xhat])
         dist.all_reduce(both, group=ctx.group)
         dx = statistics.input_gradient(x, weight, stats, dz, *both.unbind(0), ctx.count)
