@@ -9,7 +9,7 @@ runs through ``fit_stack``. Rounds alternate the two, so load on the machine hit
 over rounds. For the plain MLP it also times a hand-written stack of batched matmuls (``torch.bmm`` on
 (M, B, F) activations, weights (M, in, out)), the other way the issue names, to show what vmap costs.
 
-Throughput is FLOP/s of training work (``bnlab.lab.work.step_flops``) against the float32 matmul peak
+Throughput is FLOP/s of training work (``bnlab.training.work.step_flops``) against the float32 matmul peak
 measured in the same rounds. Absolute times move with the machine and its load: compare within a row.
 """
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bnlab.data import Batches, load_mnist
 from bnlab.lab.benefits.networks import NOTEBOOK_CONVNET, PAPER_MLP
-from bnlab.lab.work import matmul_peak, step_flops
+from bnlab.training.work import matmul_peak, step_flops
 from bnlab.models import build_network
 from bnlab.training import LoopState, fit
 from bnlab.training.loop import fit_stack

@@ -36,7 +36,7 @@ from bnlab.lab.benefits.networks import LAB, PAPER_MLP
 from bnlab.lab.curves import final, points
 from bnlab.lab.step_cost import StepCost
 from bnlab.models import ACTIVATIONS, FCNet, build_network
-from bnlab.training import RunResult, obtain, run_dir, train
+from bnlab.training import RunResult, obtain, run_dir, store, train
 from bnlab.training import runner as train_module
 from bnlab.training import runs as keeper
 from bnlab.training.evaluate import UnitPeaks
@@ -345,27 +345,38 @@ def test_resume_reuses_finished_runs_and_redoes_a_damaged_one(small_mnist, tmp_p
 
 
 def test_interrupt_loses_only_the_stack_in_progress(small_mnist, tmp_path, monkeypatch):
-    """Claim 2's smoke runs train as four stacks of two (one per recipe and arm); the third is interrupted."""
+    """Four stacks of two runs; the third is interrupted once its run directories exist."""
+    spec = PAPER_MLP.replace(hidden=(16,), batch_size=16, batches=4, eval_every=2, eval_size=32)
+    configs = [
+        spec.replace(bn=bn, optimizer=o, lr=lr)
+        for bn in ("none", "torch")
+        for o in ("sgd", "adam")
+        for lr in (0.01, 0.1)
+    ]
     calls = []
 
     def interrupt(_line: str) -> None:
         raise KeyboardInterrupt
 
-    def interrupted_on_the_third(configs, *args, **kwargs):
-        calls.append(configs)
-        if len(calls) == 3:  # inside the stack, once its run directories exist
+    def interrupted_on_the_third(members, *args, **kwargs):
+        calls.append(members)
+        if len(calls) == 3:
             kwargs["log"] = interrupt
-        return train_stack(configs, *args, **kwargs)
+        return train_stack(members, *args, **kwargs)
 
     monkeypatch.setattr(keeper, "train_stack", interrupted_on_the_third)
     with pytest.raises(KeyboardInterrupt):
-        run_benefits([2], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
-    statuses = [json.loads(f.read_text())["status"] for f in run_files(tmp_path) if f.is_file()]
+        keeper.obtain_many(configs, tmp_path, data=small_mnist, min_stack=2, **runs.QUIET)
+    statuses = [
+        store.read_summary(run_dir(tmp_path, c, "cpu"))["status"]
+        for c in configs
+        if run_dir(tmp_path, c, "cpu").exists()
+    ]
     assert [len(c) for c in calls] == [2, 2, 2] and statuses.count("interrupted") == 2
     assert statuses.count("completed") + statuses.count("diverged") == 4
     monkeypatch.setattr(keeper, "train_stack", train_stack)
-    resumed = run_benefits([2], budget="smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
-    assert resumed.trained == len(resumed.runs) - 4
+    resumed = keeper.obtain_many(configs, tmp_path, data=small_mnist, min_stack=2, **runs.QUIET)
+    assert sorted(how for _, how in resumed.values()) == ["reused"] * 4 + ["trained"] * 4
 
 
 def test_a_run_directory_holding_another_config_is_not_reused(tmp_path, small_mnist):
@@ -450,7 +461,7 @@ def test_claim7_gives_each_arm_the_steps_that_fit_in_the_same_time(tmp_path):
     """The cheaper arm's steps at its cost are the time; the other arm is scored only on the steps that fit."""
     lab = Lab(BUDGETS["smoke"], (0, 1), "torch")
     experiment = claim7_results.experiment(lab)
-    steps = BUDGETS["smoke"].best_steps[0]
+    steps = BUDGETS["smoke"].best_steps
     late = [0.5] * 4 + [0.99]  # reaches 0.99 at its last evaluation only
     early = [0.5, 0.9, 0.95, 0.96, 0.96]
 
@@ -487,7 +498,7 @@ def test_costs_are_measured_interleaved_round_by_round(small_mnist):
 
 
 def test_the_work_of_a_step_is_its_matmuls():
-    from bnlab.lab.work import step_flops
+    from bnlab.training.work import step_flops
 
     config = PAPER_MLP.replace(hidden=(32, 16), batch_size=8)
     forward = 2 * 8 * (784 * 32 + 32 * 16 + 16 * 10)

@@ -14,6 +14,7 @@ from bnlab.cli.args import (
     eval_size_int,
     fast_flag,
     non_negative_int,
+    number,
     positive_float,
     positive_int,
     seeds_count,
@@ -61,6 +62,7 @@ def cmd_benefits(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         device=args.device,
         log=emit,
+        workers=args.workers,
         **store_arguments(args),
     )
     emit("")
@@ -175,6 +177,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--bn", choices=BN_MODES[1:], default="manual", help="the BN arm: torch or manual (bnlab's; default)"
     )
     p.add_argument("--out", metavar="DIR", default="runs/benefits", help="output folder (default: runs/benefits)")
+    p.add_argument(
+        "--workers", type=number(int, 1, 256), metavar="N",
+        help="train in N processes side by side, one thread each (default: one per usable CPU core)",
+    )  # fmt: skip
     store_options(p)
     common(p)
     p.set_defaults(func=cmd_benefits)

@@ -22,23 +22,29 @@ under its lock, so a user's own files and a concurrent writer are never touched.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bnlab.config import TrainConfig
-from bnlab.data import MNIST
+from bnlab.data import MNIST, load_mnist
 from bnlab.errors import CheckpointError, UsageError
 from bnlab.training import store
+from bnlab.training.pool import run_in_workers
 from bnlab.training.result import RunResult
 from bnlab.training.runner import train, train_stack
 from bnlab.training.stack import stackable, structure
+from bnlab.training.work import step_flops
 
 __all__ = ["POLICIES", "load_run", "obtain", "obtain_many", "run_dir"]
 
 POLICIES = ("reuse", "fresh")
-MAX_STACK = 32  # runs per stack (see benchmarks/stack_speed.py for how the speed per run grows with it)
+# How many runs a stack holds (benchmarks/stack_speed.py): vmap's fixed cost per step makes a stack of a few
+# runs slower than the runs one by one (at one thread, the paper's MLP: 0.33-0.75x for 1-4 runs), and from
+# about 8 runs a member-step costs less than a run's step alone (1.1-1.6x faster at 16-32 runs).
+MIN_STACK, MAX_STACK = 8, 32
 
 
 def run_dir(root: str | Path, config: TrainConfig, device: torch.device | str) -> Path:
@@ -82,19 +88,25 @@ def obtain_many(
     policy: str = "reuse",
     data: MNIST | None = None,
     device: torch.device | str = "cpu",
+    min_stack: int = MIN_STACK,
     max_stack: int = MAX_STACK,
+    workers: int = 1,
     done: Callable[[TrainConfig, RunResult, str], None] = lambda config, result, how: None,
     **options: Any,
 ) -> dict[TrainConfig, tuple[RunResult, str]]:
-    """Every config's run in the store ``root``, as ``obtain`` would give it, with the runs to train that share a
-    structure trained together as stacks of up to ``max_stack`` (``training.train_stack``).
+    """Every config's run in the store ``root``, as ``obtain`` would give it, the runs to train grouped into
+    *items*: those that share a structure as stacks of ``min_stack`` to ``max_stack``
+    (``training.train_stack``), the others one by one.
 
-    Runs to resume are stacked only with runs resuming from the same step; runs that cannot be stacked
-    (``stack.stackable``) train one by one. ``done(config, result, how)`` is called as each run is
-    obtained (a stack's members when the stack ends). ``options`` go to ``train`` (and what applies of
-    them to ``train_stack``: log, fast, checkpoints); a diverged run is a result, never an exception.
+    Runs to resume are stacked only with runs resuming from the same step. With ``workers`` > 1 (on the
+    CPU) the items train side by side in that many processes of one thread each (``pool.py``), the
+    largest first; each run's numbers are its own whatever trains beside it. ``done(config, result,
+    how)`` is called as each run is obtained (a stack's members when the stack ends). ``options`` go
+    to ``train`` (and what applies of them to ``train_stack``: log, fast, checkpoints); a diverged run
+    is a result, never an exception.
     """
     check_policy(policy)
+    device = torch.device(device)
     out: dict[TrainConfig, tuple[RunResult, str]] = {}
     groups: dict[Any, list[TrainConfig]] = {}
     for config in dict.fromkeys(configs):  # each config once, in order
@@ -107,29 +119,68 @@ def obtain_many(
         step = store.load_checkpoint(path)["step"] if policy == "reuse" and resumable(path, config) else None
         key = (structure(config), step) if stackable(config) else (config, step)
         groups.setdefault(key, []).append(config)
-    stack_options = {k: v for k, v in options.items() if k in ("log", "fast", "checkpoints")}
+    items = []
     for (_, step), group in groups.items():
-        how = "trained" if step is None else "resumed"
-        for start in range(0, len(group), max_stack):
-            members = group[start : start + max_stack]
-            if len(members) == 1:
-                config = members[0]
-                path = run_dir(root, config, device)
-                result = train(
-                    config, data, run_dir=path, resume=step is not None, replace=step is None, device=device,
-                    **{"raise_on_divergence": False, **options},
-                )  # fmt: skip
-                results = [result]
-            else:
-                paths = [run_dir(root, c, device) for c in members]
-                results = train_stack(
-                    members, data, run_dirs=paths, resume=step is not None, replace=step is None, device=device,
-                    **stack_options,
-                )  # fmt: skip
-            for config, result in zip(members, results, strict=True):
-                out[config] = (result, how)
-                done(config, result, how)
+        chunks = [group[start : start + max_stack] for start in range(0, len(group), max_stack)]
+        for chunk in chunks:  # too few for a stack to pay: one by one
+            stacks = [chunk] if len(chunk) >= min(min_stack, max_stack) else [[config] for config in chunk]
+            items += [Item(tuple(members), step is not None) for members in stacks]
+
+    def finished(item: Item, results: Sequence[RunResult]) -> None:
+        for config, result in zip(item.configs, results, strict=True):
+            out[config] = (result, "resumed" if item.resume else "trained")
+            done(config, result, out[config][1])
+
+    if workers > 1 and device.type == "cpu" and len(items) > 1:
+        if data is None:
+            data = load_mnist()
+        items.sort(key=Item.work, reverse=True)  # the longest first: the last to finish is a short one
+        shared = (data, str(root), device, options)
+
+        def read_back(index: int) -> None:  # a worker's runs, from the directories it wrote
+            finished(items[index], [_finished_run(run_dir(root, c, device), c) for c in items[index].configs])
+
+        run_in_workers(f"{__name__}.train_item", items, workers=workers, shared=shared, done=read_back)
+    else:
+        for item in items:
+            finished(item, train_item(item, data, root, device, options))
     return {config: out[config] for config in dict.fromkeys(configs)}
+
+
+@dataclass(frozen=True)
+class Item:
+    """What one call trains: a run, or a stack of runs of one structure; resumed from their checkpoints or new."""
+
+    configs: tuple[TrainConfig, ...]
+    resume: bool
+
+    def work(self) -> float:
+        """FLOPs of its remaining training, near enough to order items by."""
+        return sum(step_flops(c) * c.batches for c in self.configs)
+
+
+def train_item(item: Item, data: MNIST | None, root: str | Path, device: torch.device, options: dict[str, Any]):
+    """Train ``item`` (in this process, or in a worker of ``pool.py``): its runs' results, in order."""
+    paths = [run_dir(root, c, device) for c in item.configs]
+    if len(item.configs) == 1:
+        result = train(
+            item.configs[0], data, run_dir=paths[0], resume=item.resume, replace=not item.resume, device=device,
+            **{"raise_on_divergence": False, **options},
+        )  # fmt: skip
+        return [result]
+    stack_options = {k: v for k, v in options.items() if k in ("log", "fast", "checkpoints")}
+    return train_stack(
+        list(item.configs), data, run_dirs=paths, resume=item.resume, replace=not item.resume, device=device,
+        **stack_options,
+    )  # fmt: skip
+
+
+def _finished_run(path: Path, config: TrainConfig) -> RunResult:
+    """The run a worker just finished, read back from its directory."""
+    result = load_run(path, config)
+    if result is None:
+        raise CheckpointError(f"{path}: a worker finished this run but its directory does not say so")
+    return result
 
 
 def resumable(path: Path, config: TrainConfig) -> bool:

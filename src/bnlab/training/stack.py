@@ -66,7 +66,14 @@ def structure(config: TrainConfig) -> TrainConfig:
 
 
 class NetworkStack:
-    """M networks of one structure, their parameters and buffers stacked, run as one computation."""
+    """M networks of one structure, their parameters and buffers stacked, run as one computation.
+
+    ``params`` are the leaves autograd and the optimizer see. A linear layer's weight is kept transposed,
+    (M, in, out): the batched matmul then reads it and writes its gradient in place, where nn.Linear's
+    (out, in) layout would have every step copy a transposed gradient of the whole stack (the largest
+    tensors of an MLP, and memory traffic sets the pace of a stack). ``member_tensor`` gives member m's
+    slice of any stacked tensor in its module's own layout.
+    """
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
         if not members:
@@ -75,11 +82,22 @@ class NetworkStack:
         if len(shapes) > 1:
             raise ValueError("the members of a stack must share one structure (the same tensors and shapes)")
         self.members = list(members)
-        self.params, self.buffers = stack_module_state(self.members)
-        self.template = copy.deepcopy(self.members[0]).to("meta")
+        params, self.buffers = stack_module_state(self.members)
+        first = self.members[0]
+        self.transposed = {
+            name
+            for name in params
+            if name.rpartition(".")[2] == "weight"
+            and isinstance(first.get_submodule(name.rpartition(".")[0]), nn.Linear)
+        }
+        self.params = {
+            name: value.detach().transpose(1, 2).contiguous().requires_grad_() if name in self.transposed else value
+            for name, value in params.items()
+        }
+        self.template = copy.deepcopy(first).to("meta")
         for m, module in enumerate(self.members):  # each member's own module: views of its slice of the stack
             for name, value in self.params.items():
-                module.get_parameter(name).data = value.detach()[m]
+                module.get_parameter(name).data = self.member_tensor(name, value.detach(), m)
             for name, value in self.buffers.items():
                 owner, _, attribute = name.rpartition(".")
                 module.get_submodule(owner)._buffers[attribute] = value[m]
@@ -87,6 +105,10 @@ class NetworkStack:
 
     def __len__(self) -> int:
         return len(self.members)
+
+    def member_tensor(self, name: str, stacked: Tensor, m: int) -> Tensor:
+        """Member m's slice of ``stacked`` (laid out as ``params[name]``), in its module's layout: a view."""
+        return stacked[m].t() if name in self.transposed else stacked[m]
 
     def _one(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.template, (params, buffers), (x,))
@@ -99,7 +121,8 @@ class NetworkStack:
 
     def __call__(self, x: Tensor) -> Tensor:
         """x (M, B, ...): member m's batch at x[m] -> its outputs at [m]."""
-        return self._forward(self.params, self.buffers, x)
+        params = {n: p.transpose(1, 2) if n in self.transposed else p for n, p in self.params.items()}
+        return self._forward(params, self.buffers, x)
 
     def parameters(self) -> list[Tensor]:
         return list(self.params.values())
@@ -136,38 +159,38 @@ class StackOptimizer:
 
     @torch.no_grad()
     def step(self, active: Tensor) -> None:
+        """One update of every member where ``active``; in place, one pass per state tensor where it can."""
         self.steps += 1
+        everyone = bool(active.all())
         for key, p in self.stack.params.items():
             if p.grad is None:
                 continue
-            keep = p.detach().clone() if not bool(active.all()) else None
-            lr = self._per_member(self.lrs, p)
+            keep = None if everyone else p.clone()
             if self.name == "sgd":
                 grad = p.grad
                 if self.momentum:
                     buffer = self.state[key]["momentum_buffer"]
                     buffer.mul_(self.momentum).add_(grad)  # from zeros: the first step's buffer is the gradient
                     grad = buffer
-                p.sub_(grad * lr)
+                p.addcmul_(grad, self._per_member(-self.lrs, p))
             else:
-                self._adam(p, self.state[key], lr)
+                self._adam(p, self.state[key])
             if keep is not None:  # the stopped members' weights as they were
                 p.copy_(torch.where(self._per_member(active, p).bool(), p, keep))
 
-    def _adam(self, p: Tensor, state: dict[str, Tensor], lr: Tensor) -> None:
+    def _adam(self, p: Tensor, state: dict[str, Tensor]) -> None:
         (beta1, beta2), eps = ADAM["betas"], ADAM["eps"]
         state["exp_avg"].lerp_(p.grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**self.steps
-        bias_correction2_sqrt = math.sqrt(1 - beta2**self.steps)
-        denom = (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(eps)
-        p.sub_(state["exp_avg"] / denom * (lr / bias_correction1))
+        step_size = self.lrs / (1 - beta1**self.steps)
+        denom = state["exp_avg_sq"].sqrt().div_(math.sqrt(1 - beta2**self.steps)).add_(eps)
+        p.addcdiv_(state["exp_avg"], denom.div_(self._per_member(-step_size, p)))  # p - step_size * m / denom
 
     def member_state_dict(self, m: int) -> dict[str, Any]:
         """Member m's optimizer state as ``torch.optim.SGD``/``Adam.state_dict()`` gives it."""
         state: dict[int, dict[str, Tensor]] = {}
         for index, key in enumerate(self.names):
-            entry = {k: v[m].clone() for k, v in self.state.get(key, {}).items()}
+            entry = {k: self.stack.member_tensor(key, v, m).clone() for k, v in self.state.get(key, {}).items()}
             if self.name == "adam":
                 entry["step"] = torch.tensor(float(self.steps))
             if entry and self.steps:  # as torch.optim: no state before the first step
@@ -186,9 +209,10 @@ class StackOptimizer:
         for index, key in enumerate(self.names):
             entry = saved["state"].get(index, {})
             for name, value in self.state.get(key, {}).items():
+                mine = self.stack.member_tensor(key, value, m)
                 if name in entry:
-                    value[m].copy_(entry[name])
+                    mine.copy_(entry[name])
                 else:
-                    value[m].zero_()
+                    mine.zero_()
             if "step" in entry:
                 self.steps = int(entry["step"])

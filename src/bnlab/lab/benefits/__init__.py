@@ -49,9 +49,10 @@ from bnlab.lab.benefits.report import BenefitsResult, report_blocks, write_repor
 from bnlab.lab.benefits.runs import QUIET, Pair, compare
 from bnlab.lab.benefits.verdicts import VERDICTS, Comparison, verdict
 from bnlab.lab.step_cost import StepCost, interleaved_costs
-from bnlab.lab.work import matmul_peak
 from bnlab.training import RunResult, resolve_device
+from bnlab.training.pool import usable_cores
 from bnlab.training.runs import obtain_many
+from bnlab.training.work import matmul_peak
 
 __all__ = [
     "BUDGETS",
@@ -119,11 +120,13 @@ def run_benefits(
     progress: bool | None = None,
     policy: str = "reuse",
     runs_dir: str | Path | None = None,
+    workers: int | None = None,
 ) -> BenefitsResult:
     """Run (or reuse) every run the chosen claims need, then write the report into ``out_dir``.
 
     Runs are kept in the run store ``runs_dir`` (default ``OUT/runs``) with ``policy`` ("reuse" finished runs,
-    or "fresh"); the ones to train that share a structure train as stacks (``bnlab.training.stack``).
+    or "fresh"); the ones to train that share a structure train as stacks (``bnlab.training.stack``), and
+    the stacks and other runs train side by side in ``workers`` processes (default: one per usable core).
     """
     start = time.perf_counter()
     check_choice("budget", budget, list(BUDGETS))
@@ -155,7 +158,10 @@ def run_benefits(
             bar.set_postfix_str(f"claim {jobs[job]}: {describe_job(job)}", refresh=False)
             bar.update()
 
-        obtained = obtain_many(list(jobs), store, policy=policy, data=data, device=torch_device, done=finished, **QUIET)
+        obtained = obtain_many(
+            list(jobs), store, policy=policy, data=data, device=torch_device, done=finished,
+            workers=usable_cores() if workers is None else workers, **QUIET,
+        )  # fmt: skip
     done = {job: result for job, (result, _) in obtained.items()}
     trained = sum(how != "reused" for _, how in obtained.values())
     log(f"trained {trained} runs, reused {len(jobs) - trained}")

@@ -21,9 +21,9 @@ from bnlab.lab.benefits.sweeps import USABLE_ACCURACY
 from bnlab.lab.benefits.verdicts import ACCURACY_MARGIN, DEAD_MARGIN, SPEEDUP_MARGIN, Comparison
 from bnlab.lab.curves import final
 from bnlab.lab.step_cost import StepCost
-from bnlab.lab.work import step_flops
 from bnlab.training import RunResult
 from bnlab.training.store import finite_or_none
+from bnlab.training.work import step_flops
 
 TONES = {"supported": "good", "not supported": "bad", "mixed": "mixed"}
 BN_NAMES = {"torch": "PyTorch's `nn.BatchNorm1d/2d`", "manual": "bnlab's own `BatchNorm1d/2d`"}

@@ -18,7 +18,12 @@ from bnlab.data import MNIST, load_mnist
 from bnlab.lab.curves import curve
 from bnlab.training import RunResult, resolve_device, train
 
-QUIET = {"log": lambda _: None, "progress": False, "checkpoints": False, "raise_on_divergence": False}
+
+def silent(_line: str) -> None:
+    """The lab's runs log nothing (a module-level function: worker processes are handed it)."""
+
+
+QUIET = {"log": silent, "progress": False, "checkpoints": False, "raise_on_divergence": False}
 
 
 @dataclass
