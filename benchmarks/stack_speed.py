@@ -25,13 +25,13 @@ import torch.nn.functional as F
 
 from bnlab.data import Batches, load_mnist
 from bnlab.lab.benefits.networks import NOTEBOOK_CONVNET, PAPER_MLP
-from bnlab.training.work import matmul_peak, step_flops
 from bnlab.models import build_network
 from bnlab.training import LoopState, fit
 from bnlab.training.loop import fit_stack
 from bnlab.training.runner import prepare
 from bnlab.training.scores import training_split
 from bnlab.training.stack import NetworkStack, StackOptimizer
+from bnlab.training.work import matmul_peak, step_flops
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--steps", type=int, default=40, help="training steps per timing (default: 40)")
