@@ -26,11 +26,15 @@ from bnlab.data import MNIST
 from bnlab.training.loop import fit
 from bnlab.training.runner import prepare
 
-__all__ = ["METHOD", "ROUNDS", "SLICE_STEPS", "StepCost", "interleaved_costs"]
+__all__ = ["ROUNDS", "SLICE_STEPS", "StepCost", "interleaved_costs", "method"]
 
 ROUNDS = 9  # rounds of the arms taking turns: enough for a median and a spread
 SLICE_STEPS = 20  # steps per slice: short against the load's swings, long against timer and switch overhead
-METHOD = f"{ROUNDS} rounds of {SLICE_STEPS}-step slices, the arms taking turns in one process"
+
+
+def method(rounds: int = ROUNDS, slice_steps: int = SLICE_STEPS) -> str:
+    """How the costs were measured, in words, for reports."""
+    return f"{rounds} rounds of {slice_steps}-step slices, the arms taking turns in one process"
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,14 @@ Every stop is accounted for, as in one process:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
+import sys
 import time
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -76,8 +79,10 @@ def run_in_workers(
     busy: dict[int, int] = {}  # pid -> the item it works on
     previous = signal.signal(signal.SIGTERM, _interrupt)  # the parent's SIGTERM stops the workers too
     try:
-        for process, setup in zip(processes, setups, strict=True):
-            process.start()
+        with _main_left_alone():
+            for process in processes:
+                process.start()
+        for setup in setups:
             setup.put((fn, shared, threads))
         remaining = len(items)
         while remaining:
@@ -105,6 +110,20 @@ def run_in_workers(
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop(processes, busy)
+
+
+@contextlib.contextmanager
+def _main_left_alone() -> Iterator[None]:
+    """Start workers without their re-running the caller's script: a spawned process imports the parent's
+    ``__main__`` from its file, so a script calling the lab at its top level, without an ``if __name__ ==
+    "__main__"`` guard, would start the lab again in every worker. The workers need nothing from it (their
+    entry is ``bnlab.worker``), so while they start, ``__main__`` is a module with no file."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _stop(processes: list[Any], busy: dict[int, int]) -> None:

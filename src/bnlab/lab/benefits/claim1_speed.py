@@ -26,8 +26,7 @@ from bnlab.lab.benefits.evidence import (
 from bnlab.lab.benefits.networks import NOTEBOOK_CONVNET, PAPER_MLP, RECIPES, conv_eval_images
 from bnlab.lab.benefits.verdicts import SPEEDUP_MARGIN, Comparison
 from bnlab.lab.curves import first_reaching
-from bnlab.lab.step_cost import METHOD as COST_METHOD
-from bnlab.lab.step_cost import StepCost
+from bnlab.lab.step_cost import StepCost, method
 from bnlab.training import RunResult
 
 CLAIM = Claim(
@@ -111,8 +110,8 @@ def analyse(
             f"{budget.speed_eval_every[0]} batches. **ConvNet**: the notebook's network and procedure (19 conv "
             f"layers, Adam 0.002, batches of 64, sigmoid cross-entropy), {budget.speed_batches[1]} batches, scored "
             f"on {conv_eval_images(budget)} every {budget.speed_eval_every[1]} batches. Time is training steps "
-            f"x the arm's cost per step, measured interleaved ({COST_METHOD}), so the neighbours' load cannot "
-            "flip it."
+            f"x the arm's cost per step, measured interleaved ({method(*budget.cost_slices)}), so the "
+            "neighbours' load cannot flip it."
         ),
         rule=(
             "For each setup and each accuracy threshold: BN wins a seed when the time without BN divided by "
@@ -133,8 +132,8 @@ def analyse(
                 ),
             ),
             (
-                f"Cost of one training step, measured interleaved ({COST_METHOD}): median (min-max) over rounds; "
-                "the ratio is taken round by round",
+                f"Cost of one training step, measured interleaved ({method(*budget.cost_slices)}): median (min-max) "
+                "over rounds; the ratio is taken round by round",
                 make_table(["setup", *(f"ms/step, {arm}" for arm in ARMS), f"{WITH_BN} / {PLAIN}"], cost_rows),
             ),
         ],

@@ -25,8 +25,7 @@ from bnlab.lab.benefits.networks import PAPER_MLP, conv_eval_images
 from bnlab.lab.benefits.sweeps import Sweep
 from bnlab.lab.benefits.verdicts import ACCURACY_MARGIN, Comparison
 from bnlab.lab.curves import best
-from bnlab.lab.step_cost import METHOD as COST_METHOD
-from bnlab.lab.step_cost import StepCost
+from bnlab.lab.step_cost import StepCost, method
 from bnlab.training import RunResult
 
 CLAIM = Claim(7, "Better results", "It may give better results overall.")
@@ -113,8 +112,8 @@ def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path, costs: dict[str, dic
             "(at the notebook's 0.002 these are claim 1's runs). The time is a number of steps: the cheaper arm's "
             f"{budget.best_steps:,} (MLP) and {budget.speed_batches[1]:,} (ConvNet) steps at its cost per step, and "
             "the other arm gets as many steps as fit in that time at its own cost, both measured interleaved "
-            f"({COST_METHOD}). On this machine: {'; '.join(budgets)}. Each arm keeps, per seed, its own best "
-            "learning rate; its score is the best validation accuracy it reached within its steps."
+            f"({method(*budget.cost_slices)}). On this machine: {'; '.join(budgets)}. Each arm keeps, per seed, its "
+            "own best learning rate; its score is the best validation accuracy it reached within its steps."
         ),
         rule=(
             "For each network: BN wins a seed when its best validation accuracy beats the best without BN by "
