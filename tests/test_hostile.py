@@ -25,6 +25,7 @@ from torch import nn
 from bnlab.cli import main
 from bnlab.config import TrainConfig
 from bnlab.training import load_model, store, train
+from test_cli_errors import finish
 
 # A few batches with a resumable checkpoint every 2: big enough to write checkpoints, small enough to be quick.
 SMALL_RUN = ["train", "--batches", "6", "--checkpoint-every", "2", "--precise-samples", "0"]
@@ -34,16 +35,6 @@ def bnlab_process(*args: str, **options) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "bnlab.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
     )
-
-
-def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
-    """``process.communicate``, reaping the process even when it does not end in time."""
-    try:
-        return process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise
 
 
 def one_line(err: str) -> str:
@@ -80,7 +71,7 @@ def _assert_failed_naming(out: Path, err: str, returncode: int, reason: str) -> 
 def test_a_full_disk_fails_the_run_naming_the_file(tiny_disk):
     out = tiny_disk / "run"
     process = bnlab_process(*SMALL_RUN, "--out", str(out))
-    _, err = finish(process)
+    _, err = finish(process, timeout=300)
     _assert_failed_naming(out, err, process.returncode, "No space left on device")
 
 
@@ -93,7 +84,7 @@ def test_a_file_size_limit_fails_the_run_naming_the_file(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     process = bnlab_process(*SMALL_RUN, "--out", str(out), preexec_fn=limit_file_size)
-    _, err = finish(process)
+    _, err = finish(process, timeout=300)
     _assert_failed_naming(out, err, process.returncode, "File too large")
 
 
