@@ -194,3 +194,14 @@ def test_unstacked_running_statistics_are_refused_under_vmap(float64):
     buffers = dict(model.named_buffers())  # one set of buffers for two members
     with pytest.raises(RuntimeError, match="running statistics are not vmapped"):
         torch.vmap(lambda p, x: functional_call(model, (p, buffers), (x,)))(params, torch.rand(2, 8, 784))
+
+
+def test_a_members_checkpoint_holds_its_own_tensors_only(data64, float64, tmp_path):
+    """A member's weights are views of the whole stack; its checkpoint must not carry the other members'."""
+    configs = [c.replace(checkpoint_every=0) for c in members(MLP, "manual", "adam")]
+    dirs = [tmp_path / f"member{m}" for m in range(len(configs))]
+    train_stack(configs, data64, run_dirs=dirs, device="cpu", log=lambda _: None)
+    alone = tmp_path / "alone"
+    train(configs[0], data64, run_dir=alone, device="cpu", log=lambda _: None, progress=False)
+    sizes = {(path / store.CHECKPOINT).stat().st_size for path in (*dirs, alone)}
+    assert max(sizes) - min(sizes) < 2048, sizes  # the same tensors, whatever trained them

@@ -280,7 +280,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     file-size limit), with no half-written temporary file left holding the space.
     """
     payload = {"format": CHECKPOINT_FORMAT, "version": VERSION, **payload}
-    payload["state_dict"] = {k: v.detach().cpu() for k, v in payload["state_dict"].items()}
+    # copies: a stacked run's tensors are views of its whole stack, which torch.save would write out entire
+    payload["state_dict"] = {k: v.detach().to("cpu", copy=True) for k, v in payload["state_dict"].items()}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getbuffer())
