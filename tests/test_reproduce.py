@@ -80,5 +80,5 @@ def test_reports_are_written_and_finished_runs_reused(outcome, mnist):
     assert (out / "validation_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines: list[str] = []
     again = reproduce(1, out_dir=out, data=mnist, device="cpu", log=lines.append, progress=False)
-    assert sum("reusing the finished run" in line for line in lines) == 3
+    assert sum(line.strip().startswith("reused:") for line in lines) == 3
     assert again.rows() == outcome.rows()
