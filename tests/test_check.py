@@ -376,7 +376,7 @@ def test_bad_arguments():
         check_model(nn.Linear(10, 2), torch.zeros(200, 1, 28, 28))
     with pytest.raises(UsageError, match="held_out must be at least 2"):
         check_model(nn.Identity(), torch.zeros(10, 3), held_out=1)
-    with pytest.raises(UsageError, match="batch_size must be at least 2.*a whole number; got 2.5"):
+    with pytest.raises(UsageError, match=r"batch_size must be at least 2.*a whole number; got 2\.5"):
         check_model(nn.Identity(), torch.zeros(10, 3), batch_size=2.5)
     with pytest.raises(UsageError, match="needs at least 6 inputs"):
         check_model(nn.Identity(), torch.zeros(5, 3))

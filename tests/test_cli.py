@@ -64,7 +64,7 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert "Batch:  0: Validation loss:" in stdout and "Accuracy on 100 samples:" in stdout
     assert (out / "checkpoint.pt").is_file()
     assert main(["train", "--batches", "3", "--out", str(out)]) == 2  # will not overwrite a run
-    assert "is not empty" in capsys.readouterr().err
+    assert "holds files that are not a bnlab run's" in capsys.readouterr().err
 
     assert main(["evaluate", str(out), "--json", "--samples", "10", "--device", "cpu"]) == 0
     captured = capsys.readouterr()

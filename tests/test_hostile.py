@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from torch import nn
 
 from bnlab.cli import main
 from bnlab.config import TrainConfig
+from bnlab.errors import UsageError
 from bnlab.training import load_model, store, train
 from test_cli_errors import finish
 
@@ -203,3 +205,20 @@ def test_check_of_a_model_on_the_meta_device_is_one_line(tmp_path, capsys, monke
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["check", f"{module}:build"]) == 2
     assert "meta device" in one_line(capsys.readouterr().err)
+
+
+def test_replacing_a_run_never_deletes_a_users_files(tmp_path):
+    """--fresh replaces a run's directory; it once also deleted anything named .* or checkpoint-*."""
+    out = tmp_path / "run"
+    config = TrainConfig(bn="manual", batches=2, precise_samples=0, one_at_a_time=0)
+    train(config, run_dir=out, device="cpu", log=lambda _: None)
+    for name in (".my-notes", "checkpoint-precise.pt"):
+        (out / name).write_text("mine")
+        with pytest.raises(UsageError, match=f"holds files that are not a bnlab run's \\({re.escape(name)}\\)"):
+            train(config, run_dir=out, device="cpu", log=lambda _: None, replace=True)
+        assert (out / name).read_text() == "mine"
+        (out / name).unlink()
+    (out / ".summary.json.abc123.tmp").write_text("{")  # what a run killed mid-write leaves: a run's own
+    (out / "checkpoint-10.pt").write_text("")  # a snapshot
+    train(config, run_dir=out, device="cpu", log=lambda _: None, replace=True)
+    assert not (out / "checkpoint-10.pt").exists() and store.read_summary(out)["status"] == "completed"

@@ -125,7 +125,7 @@ def test_nproc_above_the_usable_cores_is_refused_unless_oversubscribe(tmp_path, 
     (busy / "mine.txt").write_text("x")
     # accepted with the override: the command goes on to its next check
     assert main(["train", "--nproc", str(cores + 1), "--oversubscribe", "--out", str(busy)]) == 2
-    assert "is not empty" in _one_line(capsys)
+    assert "holds files that are not a bnlab run's" in _one_line(capsys)
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--oversubscribe allow --nproc above the usable CPU cores" in " ".join(capsys.readouterr().out.split())
@@ -153,7 +153,7 @@ def _listing(path: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize(
     ("case", "status", "expected"),
     [
-        ("not empty", 2, "is not empty; choose another --out"),
+        ("not empty", 2, "holds files that are not a bnlab run's (notes.txt); choose another folder"),
         ("completed", 2, "holds a run that already completed; there is nothing to resume"),
         ("no checkpoint", 1, "no checkpoint at"),
         ("not resumable", 1, "has no training state to resume from"),

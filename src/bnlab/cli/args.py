@@ -93,7 +93,10 @@ def store_options(p: argparse.ArgumentParser) -> None:
 
 def store_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The lab functions' ``policy`` and ``runs_dir`` from --fresh and --runs (checked writable now)."""
-    return {"policy": "fresh" if args.fresh else "reuse", "runs_dir": writable_folder(args.runs) if args.runs else None}
+    return {
+        "policy": "fresh" if args.fresh else "reuse",
+        "runs_dir": writable_folder(args.runs, "--runs") if args.runs else None,
+    }
 
 
 def threads_option(p: argparse.ArgumentParser) -> None:
@@ -114,17 +117,17 @@ def emitter(args: argparse.Namespace) -> Callable[[str], None]:
     return (lambda line: print(line, file=sys.stderr)) if args.json else print
 
 
-def writable_folder(path: str | Path) -> Path:
+def writable_folder(path: str | Path, option: str = "--out") -> Path:
     """``path`` as an output folder, created if needed and proven writable now, before any long work."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UsageError(f"{path} exists and is not a folder; choose another --out")
+        raise UsageError(f"{path} exists and is not a folder; choose another {option}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise UsageError(f"cannot write to {path} ({err.strerror or err}); choose another --out") from None
+        raise UsageError(f"cannot write to {path} ({err.strerror or err}); choose another {option}") from None
     return path
 
 

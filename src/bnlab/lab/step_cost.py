@@ -8,8 +8,9 @@ over many rounds: whatever the load does in a round, it does to every arm alike,
 ratio between arms keeps its value. Time is then steps x cost, at the median cost over rounds.
 
 A slice is ``fit`` on the arm's network as a single run trains (``runner.prepare``: channels_last,
-fused Adam, bnlab's kernels), continuing from the previous slice: the cost of a step of one run alone
-on this machine, whatever engine trained the lab's runs.
+fused Adam, bnlab's kernels), at one thread as the lab's workers train, continuing from the previous
+slice: the cost of a step of one run alone on one core of this machine, whatever engine trained the
+lab's runs. Each arm is charged the reference arm's median cost times its paired ratio (``charged``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bnlab.data import MNIST
 from bnlab.training.loop import fit
 from bnlab.training.runner import prepare
 
-__all__ = ["ROUNDS", "SLICE_STEPS", "StepCost", "interleaved_costs", "method"]
+__all__ = ["ROUNDS", "SLICE_STEPS", "StepCost", "charged", "interleaved_costs", "method"]
 
 ROUNDS = 9  # rounds of the arms taking turns: enough for a median and a spread
 SLICE_STEPS = 20  # steps per slice: short against the load's swings, long against timer and switch overhead
@@ -56,6 +57,15 @@ class StepCost:
         return {"median": self.median, "min": min(self.seconds), "max": max(self.seconds), "rounds": list(self.seconds)}
 
 
+def charged(costs: Mapping[str, StepCost], reference: str) -> dict[str, float]:
+    """The seconds per step each arm is charged: the ``reference`` arm its median over rounds, every other arm
+    that times the median of its round-by-round ratio to the reference. The ratio, not each arm's own median,
+    is what load cannot move: a round's load hits both arms of the round alike and cancels in their ratio,
+    where two medians taken apart can fall in different rounds, even in different regimes of a busy machine."""
+    base = costs[reference].median
+    return {arm: base if arm == reference else base * cost.ratio(costs[reference])[0] for arm, cost in costs.items()}
+
+
 def interleaved_costs(
     configs: Mapping[str, TrainConfig],
     data: MNIST,
@@ -64,10 +74,23 @@ def interleaved_costs(
     rounds: int = ROUNDS,
     slice_steps: int = SLICE_STEPS,
     warmup: int = 5,
+    threads: int = 1,
 ) -> dict[str, StepCost]:
     """Each config's seconds per training step, the configs taking turns: every round trains ``slice_steps``
     steps of each in turn (the order rotated each round), after ``warmup`` steps of each (allocations,
-    caches). A network that diverges is built again and its slice goes on."""
+    caches). A network that diverges is built again and its slice goes on. At ``threads`` torch threads: one,
+    as the lab's workers train (and on a busy 2-core machine two threads swing between regimes)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _interleaved(configs, data, device, rounds, slice_steps, warmup)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _interleaved(
+    configs: Mapping[str, TrainConfig], data: MNIST, device: torch.device, rounds: int, slice_steps: int, warmup: int
+) -> dict[str, StepCost]:
     names = list(configs)
     prepared = {name: prepare(config, data, device) for name, config in configs.items()}
     seconds: dict[str, list[float]] = {name: [] for name in names}

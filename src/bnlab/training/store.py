@@ -36,6 +36,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ class RunDir:
                 path.mkdir()
             except FileExistsError:
                 if not path.is_dir():
-                    raise UsageError(f"{path} exists and is not a folder; choose another --out") from None
+                    raise UsageError(f"{path} exists and is not a folder; choose another") from None
             run = cls(path, cls._take_lock(path))
         except OSError as err:
             raise UsageError(f"cannot create the run folder {path}: {err.strerror or err}") from None
@@ -98,8 +99,11 @@ class RunDir:
                     p.unlink()
                 present = []
             if present:
+                foreign = [p for p in present if not _only_run_files([p])] or present
+                names = ", ".join(sorted(p.name for p in foreign)[:3])
                 raise UsageError(
-                    f"{path} is not empty; choose another --out, remove that folder, or resume the run in it (--resume)"
+                    f"{path} holds files that are not a bnlab run's ({names}); choose another folder, move them "
+                    "away, or resume the run in it (bnlab train --resume)"
                 )
         except BaseException:
             run.close()
@@ -134,7 +138,7 @@ class RunDir:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            raise UsageError(f"another bnlab process is writing {path}; wait for it or choose another --out") from None
+            raise UsageError(f"another bnlab process is writing {path}; wait for it or choose another folder") from None
         return lock
 
     def write_config(self, config: TrainConfig, **details: Any) -> None:
@@ -206,10 +210,17 @@ def record_end(run_dir: str | Path, status: str, message: str) -> None:
             write_json(path / SUMMARY, summary | {"status": status, "message": message})
 
 
+_RUN_FILE = re.compile(
+    rf"({re.escape(CONFIG)}|{re.escape(METRICS)}|{re.escape(SUMMARY)}|{re.escape(CHECKPOINT)}|checkpoint-\d+\.pt)"
+)
+_TEMPORARY = re.compile(rf"\.({_RUN_FILE.pattern})\.[^/]+\.tmp")  # fileio's atomic writes, left by a killed run
+
+
 def _only_run_files(present: list[Path]) -> bool:
-    """Whether ``present`` are all files a bnlab run writes (a user's own files are never deleted)."""
-    known = {CONFIG, METRICS, SUMMARY, CHECKPOINT}
-    return all(p.is_file() and (p.name in known or p.name.startswith((".", "checkpoint-"))) for p in present)
+    """Whether ``present`` are all files a run writes: its own by name, snapshots ``checkpoint-N.pt`` and the
+    temporary files of its atomic writes. Anything else (a user's notes, a recalibrated checkpoint-precise.pt)
+    keeps the folder from being replaced: a user's own files are never deleted."""
+    return all(p.is_file() and (_RUN_FILE.fullmatch(p.name) or _TEMPORARY.fullmatch(p.name)) for p in present)
 
 
 def finite_or_none(obj: Any) -> Any:

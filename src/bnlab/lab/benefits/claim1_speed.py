@@ -26,7 +26,7 @@ from bnlab.lab.benefits.evidence import (
 from bnlab.lab.benefits.networks import NOTEBOOK_CONVNET, PAPER_MLP, RECIPES, conv_eval_images
 from bnlab.lab.benefits.verdicts import SPEEDUP_MARGIN, Comparison
 from bnlab.lab.curves import first_reaching
-from bnlab.lab.step_cost import StepCost, method
+from bnlab.lab.step_cost import StepCost, charged, method
 from bnlab.training import RunResult
 
 CLAIM = Claim(
@@ -70,9 +70,10 @@ def analyse(
     for name, spec in setups.items():
         arms = lab.arms(get, spec)
         cost = costs[name]
+        per_step = charged(cost, PLAIN)
         for threshold in THRESHOLDS:
             steps = {arm: [steps_to(r, threshold) for r in arms[arm]] for arm in ARMS}
-            secs = {arm: [n * cost[arm].median for n in steps[arm]] for arm in ARMS}
+            secs = {arm: [n * per_step[arm] for n in steps[arm]] for arm in ARMS}
             rows.append(
                 (
                     name,
@@ -98,9 +99,9 @@ def analyse(
         hlines = {"hlines": THRESHOLDS, "ylim": (0, 1.02)}
         panels += [
             curve_panel(f"{name}: validation accuracy by batch", arms, **hlines),
-            time_panel(f"{name}: validation accuracy by training time", arms, cost, **hlines),
+            time_panel(f"{name}: validation accuracy by training time", arms, per_step, **hlines),
         ]
-        heads.append(speed_headline(name, arms, cost, ratio[0]))
+        heads.append(speed_headline(name, arms, per_step, ratio[0]))
     return ClaimResult(
         CLAIM,
         setup=(
@@ -164,11 +165,11 @@ def seconds_text(values: list[float]) -> str:
     return text if len(finite) == len(values) else f"{text} (never in {len(values) - len(finite)}/{len(values)} seeds)"
 
 
-def speed_headline(name: str, arms: dict[str, list[RunResult]], cost: dict[str, StepCost], ratio: float) -> str:
+def speed_headline(name: str, arms: dict[str, list[RunResult]], per_step: dict[str, float], ratio: float) -> str:
     """The highest threshold BN reached in every seed, and how long each arm took to get there."""
     text = f"a BN step costs {ratio:.2f}x, median of interleaved rounds"
     for threshold in reversed(THRESHOLDS):
-        seconds = {arm: [steps_to(r, threshold) * cost[arm].median for r in runs] for arm, runs in arms.items()}
+        seconds = {arm: [steps_to(r, threshold) * per_step[arm] for r in runs] for arm, runs in arms.items()}
         if all(math.isfinite(s) for s in seconds[WITH_BN]):
             with_bn, without = seconds_text(seconds[WITH_BN]), seconds_text(seconds[PLAIN])
             return f"{name}: {threshold:.0%} after {with_bn} with BN vs {without} without ({text})"

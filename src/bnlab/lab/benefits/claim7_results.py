@@ -25,7 +25,7 @@ from bnlab.lab.benefits.networks import PAPER_MLP, conv_eval_images
 from bnlab.lab.benefits.sweeps import Sweep
 from bnlab.lab.benefits.verdicts import ACCURACY_MARGIN, Comparison
 from bnlab.lab.curves import best
-from bnlab.lab.step_cost import StepCost, method
+from bnlab.lab.step_cost import StepCost, charged, method
 from bnlab.training import RunResult
 
 CLAIM = Claim(7, "Better results", "It may give better results overall.")
@@ -50,10 +50,10 @@ def experiment(lab: Lab) -> Experiment:
     return Experiment(CLAIM.number, lab.jobs(sweep.all_specs()), partial(analyse, lab, sweep), costs=costs)
 
 
-def step_budgets(steps: int, cost: dict[str, StepCost]) -> tuple[float, dict[str, float]]:
+def step_budgets(steps: int, per_step: dict[str, float]) -> tuple[float, dict[str, float]]:
     """(the training time both arms get, each arm's steps in it): the cheaper arm's ``steps`` at its cost."""
-    seconds = steps * min(c.median for c in cost.values())
-    return seconds, {arm: seconds / c.median for arm, c in cost.items()}
+    seconds = steps * min(per_step.values())
+    return seconds, {arm: seconds / cost for arm, cost in per_step.items()}
 
 
 def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path, costs: dict[str, dict[str, StepCost]]) -> ClaimResult:
@@ -61,12 +61,13 @@ def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path, costs: dict[str, dic
     grids = {name: ", ".join(f"{lr:g}" for lr in values) for name, values in sweep.values.items()}
     comparisons, rows, choice_rows, panels, heads, budgets = [], [], [], [], [], []
     for name, at in sweep.runs(lab, get).items():
-        cost = costs[name]
-        seconds, allowed = step_budgets(sweep.specs[name][0].batches, cost)
+        cost, spec = costs[name], sweep.specs[name][0]
+        per_step = charged(cost, PLAIN)
+        seconds, allowed = step_budgets(spec.batches, per_step)
         budgets.append(f"{name} {seconds:.1f} s ({', '.join(f'{arm}: {allowed[arm]:.0f} steps' for arm in ARMS)})")
 
-        def score(run: RunResult, arm: str, allowed: dict[str, float] = allowed) -> float:
-            return best(run, until=allowed[arm])
+        def score(run: RunResult, arm: str, allowed: dict[str, float] = allowed, every: int = spec.eval_every) -> float:
+            return best(run, until=allowed[arm] + every / 2)  # to the evaluation nearest its steps
 
         chosen = {  # per seed, the run at the learning rate that did best within the arm's steps
             arm: [max((runs[i] for runs in per_lr), key=partial(score, arm=arm)) for i in range(len(lab.seeds))]
@@ -98,7 +99,7 @@ def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path, costs: dict[str, dic
             time_panel(
                 f"{name}: at each arm's best learning rate",
                 {arm: runs for arm, runs in chosen.items()},
-                cost,
+                per_step,
                 ylim=accuracy_ylim(scores[WITH_BN] + scores[PLAIN]),
                 vlines=(seconds,),
             )
@@ -112,8 +113,10 @@ def analyse(lab: Lab, sweep: Sweep, get: Lookup, out: Path, costs: dict[str, dic
             "(at the notebook's 0.002 these are claim 1's runs). The time is a number of steps: the cheaper arm's "
             f"{budget.best_steps:,} (MLP) and {budget.speed_batches[1]:,} (ConvNet) steps at its cost per step, and "
             "the other arm gets as many steps as fit in that time at its own cost, both measured interleaved "
-            f"({method(*budget.cost_slices)}). On this machine: {'; '.join(budgets)}. Each arm keeps, per seed, its "
-            "own best learning rate; its score is the best validation accuracy it reached within its steps."
+            f"({method(*budget.cost_slices)}; the costlier arm is charged the cheaper one's cost times their paired "
+            f"ratio). On this machine: {'; '.join(budgets)}. Each arm keeps, per seed, its own best learning rate; "
+            "its score is the best validation accuracy it reached within its steps, to the evaluation nearest "
+            "them (the runs are evaluated at fixed steps)."
         ),
         rule=(
             "For each network: BN wins a seed when its best validation accuracy beats the best without BN by "

@@ -150,11 +150,12 @@ def accuracy_ylim(values: Sequence[float | None]) -> tuple[float, float]:
 
 
 def time_panel(
-    title: str, runs_by_label: Mapping[str, list[RunResult]], cost: Mapping[str, StepCost], **kwargs: Any
+    title: str, runs_by_label: Mapping[str, list[RunResult]], per_step: Mapping[str, float], **kwargs: Any
 ) -> reports.Panel:
-    """Validation accuracy against training time, steps x the arm's cost per step; one line per run."""
+    """Validation accuracy against training time, steps x the seconds per step each arm is charged
+    (``step_cost.charged``); one line per run."""
     series = {
-        label: [[(x * cost[label].median, y) for x, y in curve(r)] for r in rs] for label, rs in runs_by_label.items()
+        label: [[(x * per_step[label], y) for x, y in curve(r)] for r in rs] for label, rs in runs_by_label.items()
     }
     return reports.Panel(
         title, "training seconds (steps x cost per step)", "validation accuracy", series, per_run=True, **kwargs
