@@ -77,7 +77,7 @@ def test_weights_modes_momenta_and_counters_are_left_alone_and_dropout_stays_off
 def test_a_failing_pass_leaves_every_statistic_as_it_was():
     model = _net().eval()
     before = copy.deepcopy(model.state_dict())
-    batches = [_inputs(32), torch.randn(32, 2, 8, 8)]  # the second batch has the wrong number of channels
+    batches = [_inputs(32), _inputs(32), torch.randn(32, 2, 8, 8)]  # the last batch has the wrong channels
     with pytest.raises(RuntimeError):
         bnlab.recalibrate(model, batches)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -260,13 +260,23 @@ def test_the_sequence_classifier_takes_images_along_dim_0(small_mnist):
     [
         ((torch.randn(64, 1, 8, 8), torch.zeros(32)), "sizes along the batch dimension"),
         ((torch.randn(64, 1, 8, 8), torch.ones(64, dtype=torch.bool).float(), torch.zeros(64)), "must be a bool"),
-        ([torch.randn(64, 1, 8, 8), torch.zeros(64, 10)], "different ranks"),
+        ([torch.randn(64, 1, 8, 8), torch.zeros(64, 10)], "differ as inputs and labels do"),
+        ([torch.randn(64, 1, 8, 8), torch.zeros(64, 1, 1, 10)], "differ as inputs and labels do"),
         ((torch.randn(64, 1, 8, 8), "labels"), "a tuple of"),
         ([{"x": torch.randn(8, 1, 8, 8)}], "batch 0 is a dict"),
         ({"x": torch.randn(8, 1, 8, 8)}, "cannot read data of type dict"),
         (42, "cannot read data of type int"),
     ],
-    ids=["sizes-disagree", "mask-not-bool", "list-of-inputs-and-labels", "not-tensors", "dict-batch", "dict", "int"],
+    ids=[
+        "sizes-disagree",
+        "mask-not-bool",
+        "list-of-inputs-and-labels",
+        "list-of-equal-ranks",
+        "not-tensors",
+        "dict-batch",
+        "dict",
+        "int",
+    ],
 )
 def test_data_that_fits_no_form_is_refused_naming_the_forms(data, fragment):
     model = _net().eval()
@@ -299,3 +309,26 @@ def test_across_processes_the_statistics_are_those_of_every_shard(tmp_path):
         got = torch.load(tmp_path / f"out.{rank}", weights_only=True)
         for key, value in single.state_dict().items():
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_batches_of_one_are_passed_over_and_no_budget_means_all_the_data():
+    model = _net().eval()
+    done = bnlab.recalibrate(model, [_inputs(10), _inputs(1), _inputs(39)], batch_size=32)
+    assert (done.samples, done.batches) == (49, 2)  # the one-sample batch could give no statistics
+    assert bnlab.recalibrate(model, _inputs(100), samples=None, batch_size=64).samples == 100
+    assert bnlab.recalibrate(model, _inputs(100), batch_size=64).samples == 64  # a budget: whole batches
+
+
+def test_per_step_labels_of_time_major_sequences_are_labels():
+    lstm = bnlab.BNLSTM(2, 4, max_steps=6).eval()
+    sequences, per_step = torch.randn(6, 32, 2), torch.zeros(6, 32, dtype=torch.long)  # (T, N)
+    done = bnlab.recalibrate(lstm, (sequences, per_step), batch_size=16)
+    assert (done.samples, done.batch_dim, done.form) == (32, 1, "a tuple (inputs, labels)")
+
+
+def test_models_without_running_statistics_and_absent_batch_dims_are_refused():
+    with pytest.raises(UsageError, match="no batch-norm layer with running statistics"):
+        bnlab.recalibrate(nn.Sequential(nn.Linear(4, 4)), torch.randn(8, 4))
+    for data in (torch.randn(8, 4), [torch.randn(8, 4)], bnlab.Split(torch.randn(8, 4), torch.zeros(8))):
+        with pytest.raises(UsageError, match="have no batch dimension 5"):
+            bnlab.recalibrate(nn.Sequential(bnlab.BatchNorm1d(4)), data, batch_dim=5)

@@ -189,10 +189,6 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
         model, done = precise_copy(
             checkpoint.model, training_split(config, data), args.samples, batch_size, config.seed
         )
-        if not done.layers:
-            raise UsageError(
-                f"{source} has no batch-norm layer with running statistics: there is nothing to recalibrate"
-            )
         after = scores(model, data, config.loss, samples)
         statistics = {"kind": "precise", "samples": done.samples, "batch_size": batch_size, "from": source.name}
         payload = {

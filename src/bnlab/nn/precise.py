@@ -175,6 +175,11 @@ def recalibrate(
     # One pool per layer, made before the pass in module order, so that every process of a group holds
     # the same pools in the same order, whatever data it saw. A layer shared by several call sites is one
     # layer: its pool pools all its calls.
+    if not layers:
+        raise UsageError(
+            "recalibrate: the model has no batch-norm layer with running statistics (torch.nn's BatchNorm*, bnlab's "
+            "or SequenceBatchNorm, with track_running_stats=True): there is nothing to recalibrate"
+        )
     pools = {id(m): _Pool(m.running_mean, m.running_var, getattr(m, "unbiased_running_var", True)) for _, m in layers}
     count = seen_batches = 0
     distributed = process_group is not None and dist.is_initialized() and dist.get_world_size(process_group) > 1
@@ -205,8 +210,10 @@ def recalibrate(
             _unobserve(layer)
         for module, training in modes:
             module.training = training
-    updated = [name for name, m in layers if bool((pools[id(m)].count > 0).any())]
-    if layers and not updated and not distributed:
+    # reached: from the statistics written, which with a process group are every shard's together
+    reached = {id(m): bool((state[0] > 0).any()) for (_, m), state in zip(layers, states, strict=True)}
+    updated = [name for name, m in layers if reached[id(m)]]
+    if layers and not updated:
         raise UsageError("recalibrate: no BN layer received any data")
     skipped = [name for name, _ in named if name not in updated]
     return Recalibration(updated, count, seen_batches, time.perf_counter() - start, skipped, form=form, batch_dim=dim)
