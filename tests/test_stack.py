@@ -205,3 +205,32 @@ def test_a_members_checkpoint_holds_its_own_tensors_only(data64, float64, tmp_pa
     train(configs[0], data64, run_dir=alone, device="cpu", log=lambda _: None, progress=False)
     sizes = {(path / store.CHECKPOINT).stat().st_size for path in (*dirs, alone)}
     assert max(sizes) - min(sizes) < 2048, sizes  # the same tensors, whatever trained them
+
+
+class StopAt(Hook):
+    def __init__(self, step: int) -> None:
+        self.at = step
+
+    def after_step(self, state: LoopState) -> None:
+        if state.step == self.at:
+            state.stop, state.message = "enough", f"stopped at {state.step}"
+
+
+def test_a_member_stopped_by_a_hook_is_left_as_it_stopped(data64, float64):
+    """The others' later steps went on updating its statistics and Adam moments in the shared stack."""
+    configs = members(MLP, "manual", "adam")
+    stack = NetworkStack([build_network(c) for c in configs])
+    optimizer = StackOptimizer(stack, "adam", [c.lr for c in configs])
+    states = [LoopState(member, None) for member in stack.members]
+    streams = [runner.Batches(data64.train, 16, seed=c.seed) for c in configs]
+    fit_stack(stack, optimizer, states, streams, steps=10, loss="softmax", hooks=[[], [StopAt(3)], []])
+    assert [s.step for s in states] == [10, 3, 10] and states[1].stop == "enough"
+    model = build_network(configs[1])
+    alone = LoopState(model, make_optimizer("adam", model.parameters(), configs[1].lr, fast=False))
+    fit(alone, runner.Batches(data64.train, 16, seed=configs[1].seed), steps=3, loss="softmax")
+    expected = model.state_dict()
+    for name, value in stack.members[1].state_dict().items():
+        torch.testing.assert_close(value, expected[name], **TOLERANCE, msg=lambda text, name=name: f"{name}: {text}")
+    saved = optimizer.member_state_dict(1)
+    assert {float(entry["step"]) for entry in saved["state"].values()} == {3.0}
+    torch.testing.assert_close(saved["state"][0]["exp_avg"], alone.optimizer.state_dict()["state"][0]["exp_avg"])

@@ -135,13 +135,37 @@ def fit_stack(
     batch, runs one stacked forward and takes every member's loss; a member whose loss is NaN or
     infinite stops there as diverged (``stop`` and ``message`` as ``fit`` sets them), the others' summed
     losses go backward, and one optimizer step updates the members still training. Then each of those
-    members' hooks see its state; a hook's stop ends that member alone. A member's ``clock`` is its share
-    of the stack's training time (the step's time over the members it trained).
+    members' hooks see its state; a hook's stop ends that member alone. A stopped member is left, at the
+    end, as it was when it stopped (weights, statistics, optimizer state), whatever the others' steps did
+    to the stack. A member's ``clock`` is its share of the stack's training time (the step's time over the
+    members it trained).
     """
     for member_hooks, state in zip(hooks, states, strict=True):
         for hook in member_hooks:
             hook.start(state)
     stack.train()
+    stopped: dict[int, tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]] = {}  # member -> its state then
+    try:
+        _stack_steps(stack, optimizer, states, batches, steps, loss, hooks, stopped)
+    finally:  # later steps of the others moved a stopped member's statistics and moments: back as it stopped
+        for m, (tensors, moments) in stopped.items():
+            stack.restore(m, tensors)
+            optimizer.restore(m, moments)
+
+
+def _stack_steps(
+    stack: NetworkStack,
+    optimizer: StackOptimizer,
+    states: Sequence[LoopState],
+    batches: Sequence[Iterator[tuple[Tensor, Tensor]]],
+    steps: int,
+    loss: str,
+    hooks: Sequence[Sequence[Hook]],
+    stopped: dict[int, tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]],
+) -> None:
+    def stop(m: int) -> None:
+        stopped[m] = stack.snapshot(m), optimizer.snapshot(m)
+
     while True:
         training = [m for m, state in enumerate(states) if state.step < steps and state.stop is None]
         if not training:
@@ -154,6 +178,7 @@ def fit_stack(
         for m in training:
             if not math.isfinite(values[m]):
                 states[m].stop, states[m].message = "diverged", f"loss became {values[m]} at batch {states[m].step}"
+                stop(m)  # as fit leaves a diverged run: the forward's statistics in, the step not taken
         training = [m for m in training if states[m].stop is None]
         if not training:
             return
@@ -172,6 +197,8 @@ def fit_stack(
             state.loss, state.images, state.labels = values[m], drawn[m][0], drawn[m][1]
             for hook in hooks[m]:
                 hook.after_step(state)
+            if state.stop is not None:
+                stop(m)
 
 
 def make_optimizer(name: str, parameters: Sequence[nn.Parameter], lr: float, momentum: float = 0.0, fast: bool = True):

@@ -127,6 +127,16 @@ class NetworkStack:
     def parameters(self) -> list[Tensor]:
         return list(self.params.values())
 
+    @torch.no_grad()
+    def snapshot(self, m: int) -> dict[str, Tensor]:
+        """Member m's parameters and buffers now, copied (``restore`` puts them back)."""
+        return {name: t[m].clone() for name, t in [*self.params.items(), *self.buffers.items()]}
+
+    @torch.no_grad()
+    def restore(self, m: int, saved: dict[str, Tensor]) -> None:
+        for name, t in [*self.params.items(), *self.buffers.items()]:
+            t[m].copy_(saved[name])
+
 
 class StackOptimizer:
     """SGD (with momentum) or Adam for a stack: ``torch.optim``'s formulas, a learning rate per member.
@@ -142,7 +152,8 @@ class StackOptimizer:
         self.stack, self.name, self.momentum = stack, name, momentum
         self.names = list(stack.params)
         self.lrs = torch.tensor(list(lrs), dtype=torch.float64)
-        self.steps = 0
+        self.steps = 0  # steps of the members training now (they step together)
+        self.member_steps = [0] * len(lrs)  # each member's own: a member that stopped keeps its count
         self.state: dict[str, dict[str, Tensor]] = {}
         for key, p in stack.params.items():
             if name == "adam":
@@ -161,6 +172,8 @@ class StackOptimizer:
     def step(self, active: Tensor) -> None:
         """One update of every member where ``active``; in place, one pass per state tensor where it can."""
         self.steps += 1
+        for m in active.nonzero().flatten().tolist():
+            self.member_steps[m] += 1
         everyone = bool(active.all())
         for key, p in self.stack.params.items():
             if p.grad is None:
@@ -192,8 +205,8 @@ class StackOptimizer:
         for index, key in enumerate(self.names):
             entry = {k: self.stack.member_tensor(key, v, m).clone() for k, v in self.state.get(key, {}).items()}
             if self.name == "adam":
-                entry["step"] = torch.tensor(float(self.steps))
-            if entry and self.steps:  # as torch.optim: no state before the first step
+                entry["step"] = torch.tensor(float(self.member_steps[m]))
+            if entry and self.member_steps[m]:  # as torch.optim: no state before the first step
                 state[index] = entry
         group: dict[str, Any] = {"lr": float(self.lrs[m]), "params": list(range(len(self.names)))}
         if self.name == "sgd":
@@ -202,6 +215,17 @@ class StackOptimizer:
             group |= {"betas": ADAM["betas"], "eps": ADAM["eps"], "weight_decay": 0, "amsgrad": False}
         group |= {"maximize": False, "foreach": None, "differentiable": False, "fused": None}
         return {"state": state, "param_groups": [group]}
+
+    @torch.no_grad()
+    def snapshot(self, m: int) -> dict[str, dict[str, Tensor]]:
+        """Member m's optimizer state now, copied (``restore`` puts it back)."""
+        return {key: {name: v[m].clone() for name, v in state.items()} for key, state in self.state.items()}
+
+    @torch.no_grad()
+    def restore(self, m: int, saved: dict[str, dict[str, Tensor]]) -> None:
+        for key, state in self.state.items():
+            for name, v in state.items():
+                v[m].copy_(saved[key][name])
 
     @torch.no_grad()
     def load_member_state_dict(self, m: int, saved: dict[str, Any]) -> None:
@@ -215,4 +239,4 @@ class StackOptimizer:
                 else:
                     mine.zero_()
             if "step" in entry:
-                self.steps = int(entry["step"])
+                self.steps = self.member_steps[m] = int(entry["step"])
