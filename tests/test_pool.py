@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bnlab.errors import BnlabError
+from bnlab.errors import BnlabError, UsageError
 from bnlab.lab.benefits import runs
 from bnlab.lab.benefits.networks import PAPER_MLP
 from bnlab.training import store
@@ -27,8 +27,10 @@ def record(item: tuple[str, str], folder: str) -> None:
         raise ValueError(f"item {name} is broken\non two lines")
     if how == "die":
         os.kill(os.getpid(), signal.SIGKILL)
+    if how == "usage":
+        raise UsageError(f"item {name} asks for the impossible")
     if how == "wait":
-        Path(folder, f"{name}.started").write_text("")
+        Path(folder, f"{name}.started").write_text(str(os.getpid()))
         time.sleep(60)  # until interrupted
     Path(folder, name).write_text(str(os.getpid()))
 
@@ -66,13 +68,58 @@ def test_every_item_is_done_once_by_the_workers(tmp_path):
     assert children() <= before
 
 
-@pytest.mark.parametrize(("how", "fragment"), [("fail", "item bad is broken on two lines"), ("die", "SIGKILL")])
-def test_a_failing_or_dying_worker_stops_the_others_in_one_line(tmp_path, how, fragment):
-    before = children()
-    with pytest.raises(BnlabError, match=fragment) as raised:
-        run_in_workers(f"{__name__}.record", [("bad", how), ("slow", "wait")], workers=2, shared=(str(tmp_path),))
+@pytest.mark.parametrize(
+    ("how", "error", "fragment"),
+    [("fail", BnlabError, "item bad is broken on two lines"), ("die", BnlabError, "SIGKILL"),
+     ("usage", UsageError, "item bad asks for the impossible")],
+)  # fmt: skip
+def test_a_failing_or_dying_worker_stops_the_others_in_one_line(tmp_path, how, error, fragment):
+    before, lost = children(), []
+    with pytest.raises(error, match=fragment) as raised:
+        run_in_workers(
+            f"{__name__}.record", [("bad", how), ("slow", "wait")], workers=2, shared=(str(tmp_path),),
+            lost=lambda index, why: lost.append((index, why)),
+        )  # fmt: skip
     assert "\n" not in str(raised.value)
     assert children() <= before
+    assert lost == ([(0, "its worker process died (killed by signal SIGKILL)")] if how == "die" else [])
+
+
+def test_work_that_cannot_be_handed_to_workers_fails_at_once(tmp_path):
+    with pytest.raises(BnlabError, match=r"cannot hand the work to worker processes .*--workers 1"):
+        run_in_workers(f"{__name__}.record", [("a", "write")], workers=2, shared=(lambda: None,))
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path):
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[2]); from bnlab.training.pool import run_in_workers\n"
+        "if __name__ == '__main__':\n"
+        "    run_in_workers('test_pool.record', [('a', 'wait'), ('b', 'wait')], workers=2, shared=(sys.argv[1],))\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(Path(__file__).parent)])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("*.started"))) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        pids = [int(p.read_text()) for p in tmp_path.glob("*.started")]
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30  # each worker's watchdog looks every second
+        while any(alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, "a worker outlived its killed parent"
+            time.sleep(0.2)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_an_interrupted_lab_in_workers_ends_in_one_line_and_records_its_runs(tmp_path):

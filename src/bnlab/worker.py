@@ -2,8 +2,11 @@
 
 A spawned worker imports what its target's arguments need before its code runs, and torch takes seconds
 to import: a Ctrl-C in that time would print a traceback from deep inside the import. So this module
-imports nothing heavy, its arguments are names and queues, and the function to call and the data it
-shares arrive by the task queue once the handlers are in place.
+imports nothing heavy, its arguments are a task queue and a pipe to the parent, and the function to
+call and the data it shares arrive, pickled, on the pipe once the handlers are in place. Reports go
+back on the pipe, written at once (a queue's feeder thread could lose the last one to a SIGKILL). A
+watchdog thread ends the worker as an interrupt would if its parent dies (it would otherwise train
+everything left in the queue alone).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -22,25 +27,42 @@ def _interrupt_once(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main(setup: Any, tasks: Any, results: Any) -> None:
-    """Take (function name, shared arguments, threads) from this worker's ``setup`` queue, then items from the
-    common ``tasks`` queue until None, reporting on ``results`` as each is taken and done."""
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGINT)  # a real signal, to wake a blocked call: the item records an interrupt
+
+
+def main(parent: Any, tasks: Any) -> None:
+    """Take (function name, shared arguments, threads), pickled, from the ``parent`` pipe, then items from the
+    common ``tasks`` queue until None, reporting on the pipe as each is taken and done."""
     signal.signal(signal.SIGINT, _interrupt_once)
     signal.signal(signal.SIGTERM, _interrupt_once)
+    threading.Thread(target=_watch, args=(os.getppid(),), daemon=True).start()
     try:
-        name, shared, threads = setup.get()
-        import torch
+        from multiprocessing.reduction import ForkingPickler
 
+        import torch
+        import torch.multiprocessing
+
+        name, shared, threads = ForkingPickler.loads(parent.recv_bytes())
         torch.set_num_threads(threads)
         module, _, function = name.rpartition(".")
         fn = getattr(importlib.import_module(module), function)
         while (task := tasks.get()) is not None:
             index, item = task
-            results.put(("took", index, os.getpid()))
+            parent.send(("took", index, ""))
             fn(item, *shared)
-            results.put(("done", index, os.getpid()))
+            parent.send(("done", index, ""))
     except KeyboardInterrupt:
-        results.put(("interrupted", -1, os.getpid()))
+        parent.send(("interrupted", -1, ""))
     except Exception as err:  # the item's own failure, reported by the parent in one line
         detail = traceback.format_exc() if os.environ.get("BNLAB_DEBUG") else ""
-        results.put(("failed", f"{type(err).__name__}: {' '.join(str(err).split())}{detail}", os.getpid()))
+        message = f"{' '.join(str(err).split())}{detail}"
+        parent.send(("failed", message, "usage" if _usage(err) else ""))
+
+
+def _usage(err: Exception) -> bool:
+    from bnlab.errors import UsageError
+
+    return isinstance(err, UsageError)

@@ -248,8 +248,7 @@ def run_precise(
     for index, (bn, momentum, seed) in enumerate(jobs, 1):
         config = run_config(plan, bn, momentum, seed)
         result, how = obtain(
-            config, store_root, policy=policy, data=data, device=torch_device, log=lambda _: None, progress=progress,
-            raise_on_divergence=False,
+            config, store_root, policy=policy, data=data, device=torch_device, log=lambda _: None, progress=progress
         )  # fmt: skip
         fresh = how != "reused"
         where = run_dir(store_root, config, torch_device)

@@ -199,8 +199,7 @@ def run_rnn(
         log(f"[{done}/{len(configs)}] {ARMS[bn]}, {task}, seed {seed}: {run_dir(store_root, config, torch_device)}")
         started = time.perf_counter()
         result, kind = obtain(  # a diverged run is a result (recorded, reused), never an exception
-            config, store_root, policy=policy, data=data, device=torch_device, log=log, progress=progress,
-            raise_on_divergence=False,
+            config, store_root, policy=policy, data=data, device=torch_device, log=log, progress=progress
         )  # fmt: skip
         how[kind] += 1
         took = "" if kind == "reused" else f", {time.perf_counter() - started:.0f} s"

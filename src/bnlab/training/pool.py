@@ -22,19 +22,21 @@ Every stop is accounted for, as in one process:
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
-import queue
 import signal
 import sys
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-import torch.multiprocessing as mp
+import torch.multiprocessing  # noqa: F401 (tensors go to the workers through shared memory)
 
 from bnlab import worker
-from bnlab.errors import BnlabError
+from bnlab.errors import BnlabError, UsageError
 
 __all__ = ["GRACE", "run_in_workers", "usable_cores"]
 
@@ -59,57 +61,98 @@ def run_in_workers(
     workers: int,
     shared: tuple = (),
     done: Callable[[int], None] = lambda index: None,
+    lost: Callable[[int, str], None] = lambda index, why: None,
 ) -> None:
     """Call ``fn(item, *shared)`` for every item in ``workers`` processes, ``done(index)`` as each item is done.
 
     ``fn`` is a module-level function's dotted name (the workers import it themselves); ``shared`` goes to
     every worker once (tensors through shared memory, not copied). Items are taken in order, each by the
-    next free worker.
+    next free worker. ``lost(index, why)`` is called for an item whose worker died while on it (its runs
+    could not say so themselves).
     """
-    context = mp.get_context("spawn")
-    tasks, results = context.Queue(), context.Queue()
+    count = min(workers, len(items))
+    try:  # pickled here, once per worker (a shared tensor's file descriptor can be fetched once): a failure is ours
+        payloads = [bytes(ForkingPickler.dumps((fn, shared, torch_threads(workers, len(items))))) for _ in range(count)]
+    except Exception as err:  # an unpicklable option, or no shared memory for the data (a small /dev/shm)
+        raise BnlabError(
+            f"cannot hand the work to worker processes ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+            "train in this process instead (--workers 1)"
+        ) from None
+    context = multiprocessing.get_context("spawn")  # not torch's: a worker starts without importing torch
+    with _quiet_resource_tracker():
+        tasks = context.Queue()
     for task in enumerate(items):
         tasks.put(task)
-    count = min(workers, len(items))
     for _ in range(count):
         tasks.put(None)
-    threads = max(1, usable_cores() // count)
-    setups = [context.Queue() for _ in range(count)]
-    processes = [context.Process(target=worker.main, args=(s, tasks, results), daemon=True) for s in setups]
-    busy: dict[int, int] = {}  # pid -> the item it works on
+    pipes = [context.Pipe() for _ in range(count)]
+    processes = [context.Process(target=worker.main, args=(child, tasks), daemon=True) for _, child in pipes]
+    busy: dict[int, int] = {}  # worker -> the item it works on
     previous = signal.signal(signal.SIGTERM, _interrupt)  # the parent's SIGTERM stops the workers too
     try:
         with _main_left_alone():
             for process in processes:
                 process.start()
-        for setup in setups:
-            setup.put((fn, shared, threads))
+        for (conn, child), payload in zip(pipes, payloads, strict=True):
+            child.close()  # the worker's end, in the worker now
+            conn.send_bytes(payload)
         remaining = len(items)
+        reports = {conn: w for w, (conn, _) in enumerate(pipes)}
         while remaining:
-            try:
-                kind, detail, pid = results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p for p in processes if not p.is_alive() and p.exitcode != 0]
-                if dead:
-                    raise BnlabError(
-                        f"a worker process died ({_exit_text(dead[0].exitcode)}); the lab stopped"
-                    ) from None
-                continue
-            if kind == "took":
-                busy[pid] = detail
-            elif kind == "done":
-                busy.pop(pid, None)
-                remaining -= 1
-                done(detail)
-            elif kind == "interrupted":
-                busy.pop(pid, None)
-                raise KeyboardInterrupt
-            else:
-                busy.pop(pid, None)
-                raise BnlabError(f"a worker's run failed: {detail}")
+            ready = wait([*reports, *(p.sentinel for p in processes)], timeout=1.0)
+            for conn in [r for r in ready if r in reports]:
+                try:
+                    kind, detail, error = conn.recv()
+                except EOFError:  # the worker is gone: its sentinel says how
+                    del reports[conn]
+                    continue
+                w = reports[conn]
+                if kind == "took":
+                    busy[w] = detail
+                    continue
+                busy.pop(w, None)
+                if kind == "done":
+                    remaining -= 1
+                    done(detail)
+                elif kind == "interrupted":
+                    raise KeyboardInterrupt
+                elif error == "usage":
+                    raise UsageError(detail)
+                else:
+                    raise BnlabError(f"a worker's run failed: {detail}")
+            dead = [w for w, p in enumerate(processes) if not p.is_alive() and p.exitcode != 0]
+            if dead and not any(conn.poll() for conn in reports):  # its last reports read first
+                why = f"its worker process died ({_exit_text(processes[dead[0]].exitcode)})"
+                if dead[0] in busy:
+                    lost(busy.pop(dead[0]), why)
+                raise BnlabError(f"{why}; the lab stopped")
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop(processes, busy)
+        for conn, _ in pipes:
+            conn.close()
+
+
+def torch_threads(workers: int, items: int) -> int:
+    """Threads per worker: the usable cores shared out, at least one."""
+    return max(1, usable_cores() // min(workers, items))
+
+
+@contextlib.contextmanager
+def _quiet_resource_tracker() -> Iterator[None]:
+    """multiprocessing's resource tracker, started with the first queue, warns of "leaked semaphores" when a
+    worker was killed holding a queue's lock, which is how every stopped worker goes; nothing leaks (the
+    parent unlinks them), so it is started with that warning off."""
+    previous = os.environ.get("PYTHONWARNINGS")
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [previous, quiet]))
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = previous
 
 
 @contextlib.contextmanager
@@ -130,7 +173,7 @@ def _stop(processes: list[Any], busy: dict[int, int]) -> None:
     """Kill the idle workers; ask the busy ones to stop (SIGINT), give them ``GRACE`` seconds, then kill them."""
     started = [p for p in processes if p.pid is not None and p.is_alive()]
     for process in started:
-        os.kill(process.pid, signal.SIGINT if process.pid in busy else signal.SIGKILL)
+        os.kill(process.pid, signal.SIGINT if processes.index(process) in busy else signal.SIGKILL)
     deadline = time.monotonic() + GRACE
     for process in started:
         process.join(max(0.0, deadline - time.monotonic()))

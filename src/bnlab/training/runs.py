@@ -68,10 +68,12 @@ def obtain(
 ) -> tuple[RunResult, str]:
     """(``config``'s run in the store ``root``, how it was obtained: "reused", "resumed" or "trained").
 
-    ``options`` go to ``training.train`` (log, progress, fast, checkpoints, raise_on_divergence, ...).
+    ``options`` go to ``training.train`` (log, progress, fast, checkpoints, ...). A diverged run is a result
+    (its status says so), never an exception: the same whether it was trained now or is reused.
     """
     check_policy(policy)
     path = run_dir(root, config, device)
+    options = {**options, "raise_on_divergence": False}  # a diverged run is a result, now as when reused later
     if policy == "reuse":
         previous = load_run(path, config)
         if previous is not None:
@@ -140,7 +142,11 @@ def obtain_many(
         def read_back(index: int) -> None:  # a worker's runs, from the directories it wrote
             finished(items[index], [_finished_run(run_dir(root, c, device), c) for c in items[index].configs])
 
-        run_in_workers(f"{__name__}.train_item", items, workers=workers, shared=shared, done=read_back)
+        def lost(index: int, why: str) -> None:  # a worker killed mid-item could not record how its runs ended
+            for config in items[index].configs:
+                store.record_end(run_dir(root, config, device), "failed", f"{why}; the run stopped")
+
+        run_in_workers(f"{__name__}.train_item", items, workers=workers, shared=shared, done=read_back, lost=lost)
     else:
         for item in items:
             finished(item, train_item(item, data, root, device, options))
@@ -155,7 +161,7 @@ class Item:
     resume: bool
 
     def work(self) -> float:
-        """FLOPs of its remaining training, near enough to order items by."""
+        """FLOPs of its training (from the start, even when resumed), near enough to order items by."""
         return sum(step_flops(c) * c.batches for c in self.configs)
 
 
@@ -165,7 +171,7 @@ def train_item(item: Item, data: MNIST | None, root: str | Path, device: torch.d
     if len(item.configs) == 1:
         result = train(
             item.configs[0], data, run_dir=paths[0], resume=item.resume, replace=not item.resume, device=device,
-            **{"raise_on_divergence": False, **options},
+            **{**options, "raise_on_divergence": False},
         )  # fmt: skip
         return [result]
     stack_options = {k: v for k, v in options.items() if k in ("log", "fast", "checkpoints")}
