@@ -507,3 +507,16 @@ def test_the_work_of_a_step_is_its_matmuls():
     forward = 2 * 8 * (784 * 32 + 32 * 16 + 16 * 10)
     backward = 2 * forward - 2 * 8 * 784 * 32  # weight gradients everywhere, input gradients but the first layer's
     assert step_flops(config) == forward + backward == step_flops(config.replace(bn="manual", seed=3))
+    # what does not shape the step does not change its count (and is counted once)
+    assert step_flops(config.replace(lr=0.5, seed=7, batches=3, optimizer="sgd")) == forward + backward
+    assert step_flops(config.replace(batch_size=16)) == 2 * (forward + backward)
+
+
+def test_the_matmul_peak_leaves_the_thread_setting_as_it_was():
+    import torch
+
+    from bnlab.training.work import matmul_peak
+
+    before = torch.get_num_threads()
+    assert matmul_peak(size=64, repeats=3, threads=1) > 0
+    assert torch.get_num_threads() == before

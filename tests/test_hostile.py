@@ -150,7 +150,7 @@ def test_evaluate_of_an_unfinished_run_says_from_which_step(interrupted_run, cap
     assert step % 5 == 0 and 0 < step < 3000
     assert (result["step"], result["planned_batches"], result["finished"]) == (step, 3000, False)
     assert result["run_status"] == "interrupted"
-    assert f"after {step} of 3000 planned batches; NOT a finished run (its run is interrupted)" in captured.err
+    assert f"after {step} of 3000 planned training steps; NOT a finished run (its run is interrupted)" in captured.err
 
 
 def test_recalibrate_of_an_unfinished_run_says_so_and_keeps_saying_so(interrupted_run, capsys):
@@ -165,7 +165,7 @@ def test_a_finished_run_is_described_as_finished(tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(bn="manual", batches=2, precise_samples=0, one_at_a_time=0), run_dir=out, device="cpu", log=print)
     checkpoint = load_model(out)
-    assert checkpoint.finished and checkpoint.describe() == "bn=manual, seed 0, after 2 of 2 planned batches"
+    assert checkpoint.finished and checkpoint.describe() == "bn=manual, seed 0, after 2 of 2 planned training steps"
 
 
 # --- One writer per file ----------------------------------------------------------------------------------

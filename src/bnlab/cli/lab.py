@@ -170,7 +170,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--budget", choices=list(BUDGETS), default="quick",
-        help="smoke: seconds, for CI; quick: about 7 min on 2 CPU cores; full: about 2 h 40 min (default: quick)",
+        help="; ".join(f"{name}: {budget.runtime}" for name, budget in BUDGETS.items()) + " (default: quick)",
     )  # fmt: skip
     p.add_argument("--seeds", type=seeds_count, help="seeds 0..N-1 (default: the budget's, 1/2/5)")
     p.add_argument(

@@ -181,7 +181,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     data = load_mnist(args.data_dir).to(device)
     emit = emitter(args)
     emit(f"Checkpoint {source}: {checkpoint.describe()}")
-    with store.exclusive(out.parent):  # one writer: a second recalibrate (or a run writing there) is refused
+    with store.writing(out):  # one writer: a second recalibrate (or a run writing there) is refused
         writable_file(out, overwrite=args.overwrite)  # again, under the lock: a writer may have finished meanwhile
         samples = min(args.one_at_a_time, len(data.test))
         batch_size = args.batch_size or config.batch_size

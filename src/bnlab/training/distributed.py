@@ -56,7 +56,7 @@ from bnlab.training.evaluate import loss_fn
 STOP_REASONS = ("time", "diverged")  # agreed by code: the largest wins
 RENDEZVOUS_TIMEOUT = timedelta(seconds=60)
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-LAUNCHED = "BNLAB_LAUNCHED"  # "1" in the workers of ``launch``
+LAUNCHED = "BNLAB_LAUNCHED"  # in the workers of ``launch``: the launcher's pid (a leftover value is another's)
 PEER_FAILED = 3  # exit status of a worker of ``launch`` that stopped, silently, because a peer failed
 INTERRUPTED = 130
 STOP_SECONDS = 3.0  # what a stopping job's workers get to finish before they are killed
@@ -205,8 +205,9 @@ def peer_failure(err: BaseException) -> str | None:
 
 
 def launched() -> bool:
-    """Whether this process is a worker of ``launch``, whose launcher reports interrupts and failed peers."""
-    return os.environ.get(LAUNCHED) == "1"
+    """Whether this process is a worker of ``launch``, whose launcher reports interrupts and failed peers: its
+    parent is the launcher that set the variable (left over in a shell, it names another process)."""
+    return os.environ.get(LAUNCHED) == str(os.getppid())
 
 
 def synchronize(model: nn.Module, world: World, device: torch.device) -> nn.Module:
@@ -316,7 +317,7 @@ class _Job:
         env = os.environ | {
             "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nproc),
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True",
-            LAUNCHED: "1",
+            LAUNCHED: str(os.getpid()),
         }  # fmt: skip
         env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))  # no oversubscription
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")

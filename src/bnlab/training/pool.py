@@ -37,17 +37,11 @@ import torch.multiprocessing  # noqa: F401 (tensors go to the workers through sh
 
 from bnlab import worker
 from bnlab.errors import BnlabError, UsageError
+from bnlab.training.distributed import usable_cores
 
 __all__ = ["GRACE", "run_in_workers", "usable_cores"]
 
 GRACE = 10.0  # seconds a stopped worker has to record its runs as interrupted before it is killed
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _interrupt(signum: int, frame: object) -> None:

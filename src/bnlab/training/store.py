@@ -132,8 +132,8 @@ class RunDir:
         return run, checkpoint
 
     @staticmethod
-    def _take_lock(path: Path) -> IO[str]:
-        lock = open(path / LOCK, "a")  # noqa: SIM115 (held open for the run's lifetime)
+    def _take_lock(path: Path, name: str = LOCK) -> IO[str]:
+        lock = open(path / name, "a")  # noqa: SIM115 (held open for the run's lifetime)
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -194,6 +194,25 @@ def exclusive(folder: Path) -> Iterator[None]:
     try:
         yield
     finally:
+        lock.close()
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Hold the writer lock for the file ``path`` inside the block: its run directory's, when it is written into
+    one (a run and a command writing beside its checkpoint exclude each other), else a ``.NAME.lock`` beside it,
+    removed afterwards, so a user's folder keeps no trace of it."""
+    path = Path(path)
+    if (path.parent / CONFIG).is_file():
+        with exclusive(path.parent):
+            yield
+        return
+    name = f".{path.name}.lock"
+    lock = RunDir._take_lock(path.parent, name)
+    try:
+        yield
+    finally:
+        (path.parent / name).unlink(missing_ok=True)  # under the lock: a process still trying to take it fails
         lock.close()
 
 
@@ -337,12 +356,12 @@ class Checkpoint:
     def describe(self) -> str:
         """One line: the network, and the step its weights come from, saying so when the run did not finish."""
         c = self.config
-        text = f"bn={c.bn}, seed {c.seed}, after {self.step} of {c.batches} planned batches"
+        text = f"bn={c.bn}, seed {c.seed}, after {self.step} of {c.batches} planned training steps"
         if self.finished:
             return text
         status = self.run_status()
         why = f"its run is {status}" if status not in (None, "completed") else "it was saved during training"
-        return f"{text}; NOT a finished run ({why}): these are the weights of its batch {self.step}"
+        return f"{text}; NOT a finished run ({why}): these are its weights after {self.step} steps"
 
 
 def checkpoint_path(path: str | os.PathLike) -> Path:
@@ -364,7 +383,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
     except Exception as err:  # torch raises many types for a damaged or foreign file
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+        first = " ".join(str(err).split()).split(". ")[0][:160]  # torch's own advice (weights_only=False) is unsafe
+        raise CheckpointError(
+            f"{path} is not a bnlab checkpoint ({type(err).__name__}: {first}); pass a run directory, or a "
+            "checkpoint file written by bnlab"
+        ) from None
     _check_format(path, payload, CHECKPOINT_FORMAT)
     if not isinstance(payload.get("state_dict"), dict):
         raise CheckpointError(f"{path} has no state_dict of weights")

@@ -24,10 +24,26 @@ from bnlab.training.evaluate import loss_fn
 __all__ = ["matmul_peak", "step_flops"]
 
 
-@functools.cache
+# what a training step's FLOPs depend on: the network's shape, the loss and the batch. Everything else (seed,
+# optimizer, schedule, measurement) is reset so that a lab's hundreds of runs count a few networks, not each
+_FLOP_FREE = {
+    name: getattr(TrainConfig, name)
+    for name in (
+        "seed", "bn_momentum", "dropout", "optimizer", "lr", "momentum", "clip", "batches", "seconds", "train_size",
+        "eval_every", "log_every", "eval_size", "train_eval_size", "dead_units", "one_at_a_time",
+        "precise_samples", "checkpoint_every", "snapshots",
+    )
+}  # fmt: skip
+
+
 def step_flops(config: TrainConfig) -> int:
     """FLOPs of one training step of ``config``'s network (forward and backward, batch of ``batch_size``)."""
-    model = build_network(config.replace(seed=0))
+    return _counted(config.replace(**_FLOP_FREE))
+
+
+@functools.cache
+def _counted(config: TrainConfig) -> int:
+    model = build_network(config)
     images = torch.zeros(config.batch_size, 1, 28, 28)
     labels = torch.zeros(config.batch_size, dtype=torch.long)
     counter = FlopCounterMode(display=False)
@@ -36,13 +52,20 @@ def step_flops(config: TrainConfig) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(size: int = 1024, repeats: int = 9) -> float:
-    """FLOP/s of a float32 matmul of two size x size matrices on this machine now: the median of ``repeats``."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up: threads, caches
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        timings.append(time.perf_counter() - start)
+def matmul_peak(size: int = 1024, repeats: int = 9, threads: int | None = None) -> float:
+    """FLOP/s of a float32 matmul of two size x size matrices on this machine now: the median of ``repeats``,
+    with ``threads`` intra-op threads (default: torch's current setting, which is left as it was)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b  # warm-up: threads, caches
+        timings = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            timings.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
     return 2 * size**3 / statistics.median(timings)

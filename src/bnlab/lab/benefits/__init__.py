@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from bnlab.config import BN_MODES, TrainConfig, check_choice
@@ -166,21 +167,27 @@ def run_benefits(
     trained = sum(how != "reused" for _, how in obtained.values())
     log(f"trained {trained} runs, reused {len(jobs) - trained}")
 
-    peaks = [matmul_peak()]  # the machine's speed now, for the floor: before the costs, and again after them
+    # the matmul peak, for the floor: at every thread count the runs trained with and the machine's, before the
+    # costs and again after them
+    thread_counts = sorted({torch.get_num_threads(), *(r.threads for r in done.values())})
+    peaks = {n: [matmul_peak(threads=n)] for n in thread_counts}
 
     def lookup(spec: TrainConfig, norm: str) -> list[RunResult]:
         return [done[spec.replace(bn=norm, seed=seed)] for seed in lab.seeds]
 
     costs: dict[int, dict[str, dict[str, StepCost]]] = {}
+    measured: dict[tuple, dict[str, StepCost]] = {}  # a setup two claims share is measured once
+    rounds, steps = plan.cost_slices
     for e in experiments:
         if e.costs:
             log(f"claim {e.number}: measuring each arm's cost per step, interleaved ({', '.join(e.costs)})")
-            rounds, steps = plan.cost_slices
-            costs[e.number] = {
-                setup: interleaved_costs(arms, data, torch_device, rounds=rounds, slice_steps=steps)
-                for setup, arms in e.costs.items()
-            }
-    peaks.append(matmul_peak())
+            for setup, arms in e.costs.items():
+                key = tuple(arms.items())
+                if key not in measured:
+                    measured[key] = interleaved_costs(arms, data, torch_device, rounds=rounds, slice_steps=steps)
+                costs.setdefault(e.number, {})[setup] = measured[key]
+    for n in thread_counts:
+        peaks[n].append(matmul_peak(threads=n))
     results = [
         e.analyse(lookup, out, costs=costs[e.number]) if e.costs else e.analyse(lookup, out) for e in experiments
     ]

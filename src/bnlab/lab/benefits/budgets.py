@@ -13,7 +13,7 @@ class Budget:
 
     name: str
     seeds: int
-    runtime: str  # measured (quick, smoke) or estimated (full) wall time on the 2-core CPU
+    runtime: str  # wall time on this project's 2-core CPU, as measured (docs/benefits.md)
     batches: int  # claims 2-5: training steps per run
     eval_every: int
     speed_batches: tuple[int, int]  # claim 1: MLP, ConvNet
@@ -39,7 +39,7 @@ BUDGETS: dict[str, Budget] = {
     "smoke": Budget(
         "smoke",
         seeds=1,
-        runtime="about 12 s",
+        runtime="seconds, for CI (about 25 s on 2 CPU cores, most of it starting the workers)",
         batches=20,
         eval_every=10,
         speed_batches=(40, 4),
@@ -61,7 +61,7 @@ BUDGETS: dict[str, Budget] = {
     "quick": Budget(
         "quick",
         seeds=2,
-        runtime="about 3 min on 2 CPU cores",
+        runtime="about 5.5 min on 2 CPU cores",
         batches=600,
         eval_every=100,
         speed_batches=(4000, 400),
@@ -83,7 +83,7 @@ BUDGETS: dict[str, Budget] = {
     "full": Budget(
         "full",
         seeds=5,
-        runtime="about 2 h 40 min, measured",
+        runtime="hours on 2 CPU cores (the first engine took 2 h 40 min)",
         batches=5000,
         eval_every=250,
         speed_batches=(20000, 3000),

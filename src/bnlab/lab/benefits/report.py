@@ -44,16 +44,22 @@ class BenefitsResult:
     wall_seconds: float
     jobs: dict[int, list[TrainConfig]] = field(default_factory=dict)  # claim -> the runs it needs
     costs: dict[int, dict[str, dict[str, StepCost]]] = field(default_factory=dict)  # claim -> setup -> arm -> cost
-    peaks: list[float] = field(default_factory=list)  # float32 matmul FLOP/s, measured during the lab
+    peaks: dict[int, list[float]] = field(default_factory=dict)  # threads -> float32 matmul FLOP/s during the lab
 
     def threads(self) -> list[int]:
         """The thread counts the runs were trained with (reused runs keep theirs)."""
         return sorted({run.threads for run in self.runs.values()})
 
+    def peak(self, threads: int | None = None) -> float:
+        """The median float32 matmul FLOP/s measured during the lab at ``threads`` (default: the machine's)."""
+        measured = self.peaks.get(threads or max(self.peaks, default=1), [])
+        return statistics.median(measured) if measured else math.nan
+
     def work(self) -> list[dict[str, Any]]:
-        """Per claim, then for the whole lab (each run once): runs, training steps, FLOPs, the floor at the
-        matmul peak, the training time the runs took (a stacked run's share of its stack) and the fraction."""
-        peak = statistics.median(self.peaks) if self.peaks else math.nan
+        """Per claim, then for the whole lab (each run once): runs, training steps, FLOPs, the floor (the FLOPs at
+        the machine's matmul peak, all cores), the training time the runs took (worker seconds: runs trained
+        side by side each count their own; a stacked run its share of its stack), and the fraction of peak
+        reached: the FLOPs over each run's seconds times the peak at its own thread count."""
         groups = {f"{n}. {self.claim_title(n)}": jobs for n, jobs in self.jobs.items()}
         groups["whole lab (each run once)"] = list(dict.fromkeys(j for jobs in self.jobs.values() for j in jobs))
         rows = []
@@ -61,9 +67,10 @@ class BenefitsResult:
             runs = [self.runs[j] for j in jobs]
             flops = sum(step_flops(j) * r.batches_done for j, r in zip(jobs, runs, strict=True))
             seconds = sum(r.train_seconds for r in runs)
+            possible = sum(r.train_seconds * self.peak(r.threads) for r in runs)
             row = {"claim": name, "runs": len(runs), "steps": sum(r.batches_done for r in runs), "flops": flops}
-            row |= {"floor_seconds": flops / peak, "train_seconds": seconds}
-            rows.append(row | {"fraction_of_peak": flops / peak / seconds if seconds else math.nan})
+            row |= {"floor_seconds": flops / self.peak(), "train_seconds": seconds}
+            rows.append(row | {"fraction_of_peak": flops / possible if possible else math.nan})
         return rows
 
     def claim_title(self, number: int) -> str:
@@ -79,7 +86,7 @@ class BenefitsResult:
             "runs_trained": self.trained,
             "runs_reused": len(self.runs) - self.trained,
             "wall_seconds": round(self.wall_seconds, 1),
-            "matmul_peak_flops": self.peaks,
+            "matmul_peak_flops": {str(threads): values for threads, values in self.peaks.items()},
             "work": self.work(),
             "costs": {
                 str(n): {setup: {arm: c.to_dict() for arm, c in arms.items()} for setup, arms in by_setup.items()}
@@ -205,28 +212,32 @@ def work_blocks(result: BenefitsResult) -> list[reports.Block]:
             row["claim"],
             str(row["runs"]),
             f"{row['steps']:,}",
-            f"{row['flops'] / 1e12:.1f}",
-            f"{row['floor_seconds'] / 60:.1f}",
-            f"{row['train_seconds'] / 60:.1f}",
+            f"{row['flops'] / 1e12:.3g}",
+            f"{row['floor_seconds'] / 60:.3g}",
+            f"{row['train_seconds'] / 60:.3g}",
             f"{row['fraction_of_peak']:.0%}" if math.isfinite(row["fraction_of_peak"]) else "-",
         )
         for row in result.work()
     ]
-    peaks = [p / 1e9 for p in result.peaks]
+    peaks = "; ".join(
+        f"{threads} thread{'s' if threads > 1 else ''}: {', '.join(f'{p / 1e9:.0f}' for p in values)} GFLOP/s"
+        for threads, values in sorted(result.peaks.items())
+    )
     stacked = sum(1 for r in result.runs.values() if r.run_dir and _stack_size(r.run_dir) > 1)
     return [
         reports.Heading("The work, and the floor"),
         reports.Text(
             "Training work is the FLOPs of every run's training steps (matmuls and convolutions, forward and "
             "backward, counted by PyTorch's FlopCounterMode; evaluation excluded). The floor is that work at "
-            f"this machine's float32 matmul peak, measured during the lab ({', '.join(f'{p:.0f}' for p in peaks)} "
-            "GFLOP/s): no engine could train faster. Training time is what the runs' steps took "
-            f"({stacked} of the {len(result.runs)} runs trained in stacks, each member counted with its share "
-            "of its stack's time; reused runs keep the time of the lab that trained them)."
+            "this machine's float32 matmul peak on all its cores: no engine could train faster. The peak was "
+            f"measured during the lab ({peaks}). Training time is worker time: runs trained side by side each "
+            f"count their own seconds ({stacked} of the {len(result.runs)} runs trained in stacks, each member "
+            "with its share of its stack's time; reused runs keep the time of the lab that trained them). The "
+            "fraction of peak is the work over each run's seconds at the peak of its own thread count."
         ),
         reports.Text("*Work, floor and training time per claim (a run two claims share counts in both).*"),
         reports.Table(
-            ("claim", "runs", "training steps", "TFLOP", "floor, min", "training, min", "of peak"), tuple(rows)
+            ("claim", "runs", "training steps", "TFLOP", "floor, min", "training, worker-min", "of peak"), tuple(rows)
         ),
     ]
 
