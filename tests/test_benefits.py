@@ -379,6 +379,25 @@ def test_interrupt_loses_only_the_stack_in_progress(small_mnist, tmp_path, monke
     assert sorted(how for _, how in resumed.values()) == ["reused"] * 4 + ["trained"] * 4
 
 
+def test_runs_a_stack_would_slow_train_alone(small_mnist, tmp_path, monkeypatch):
+    """ConvNets of one structure are not stacked (a ConvNet stack is slower than its runs alone); MLPs are."""
+    convnet = LAB.replace(model="convnet", depth=2, hidden=(8,), batch_size=8, batches=2, eval_every=1, eval_size=16)
+    mlp = PAPER_MLP.replace(hidden=(8,), batch_size=8, batches=2, eval_every=1, eval_size=16)
+    stacked = []
+    monkeypatch.setattr(
+        keeper, "train_stack", lambda members, *a, **k: stacked.append(members) or train_stack(members, *a, **k)
+    )
+    got = keeper.obtain_many(
+        [spec.replace(seed=s) for spec in (convnet, mlp) for s in range(2)],
+        tmp_path,
+        data=small_mnist,
+        min_stack=2,
+        **runs.QUIET,
+    )
+    assert [[c.model for c in members] for members in stacked] == [["mlp", "mlp"]]
+    assert sorted(how for _, how in got.values()) == ["trained"] * 4
+
+
 def test_a_run_directory_holding_another_config_is_not_reused(tmp_path, small_mnist):
     spec = PAPER_MLP.replace(hidden=(8,), batches=2, eval_every=1, eval_size=16)
     device = torch.device("cpu")

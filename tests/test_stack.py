@@ -24,7 +24,7 @@ from bnlab.models import build_network
 from bnlab.training import Hook, LoopState, fit, make_optimizer, runner, store, train
 from bnlab.training.loop import fit_stack
 from bnlab.training.runner import train_stack
-from bnlab.training.stack import NetworkStack, StackOptimizer, stackable, structure
+from bnlab.training.stack import NetworkStack, StackOptimizer, stack_pays, stackable, structure
 
 TOLERANCE = {"rtol": 1e-10, "atol": 1e-10}  # weights, statistics and losses are of order 0.01 to 10
 
@@ -152,6 +152,8 @@ def test_an_interrupted_stack_resumes_from_its_members_checkpoints(data64, float
 
 def test_only_runs_of_one_structure_stack():
     assert stackable(MLP) and stackable(CONVNET)
+    assert stack_pays(MLP) and not stack_pays(CONVNET)  # a ConvNet stack is slower than its runs alone
+    assert not stack_pays(MLP.replace(dropout=0.5))
     assert not stackable(MLP.replace(dropout=0.5)) and not stackable(MLP.replace(optimizer="rmsprop"))
     assert not stackable(MLP.replace(seconds=1.0)) and not stackable(TrainConfig(model="lstm", bn="manual"))
     assert structure(MLP.replace(seed=3, lr=0.5, init=0.1)) == structure(MLP)

@@ -35,7 +35,7 @@ from bnlab.training import store
 from bnlab.training.pool import run_in_workers
 from bnlab.training.result import RunResult
 from bnlab.training.runner import train, train_stack
-from bnlab.training.stack import stackable, structure
+from bnlab.training.stack import stack_pays, structure
 from bnlab.training.work import step_flops
 
 __all__ = ["POLICIES", "load_run", "obtain", "obtain_many", "run_dir"]
@@ -97,8 +97,8 @@ def obtain_many(
     **options: Any,
 ) -> dict[TrainConfig, tuple[RunResult, str]]:
     """Every config's run in the store ``root``, as ``obtain`` would give it, the runs to train grouped into
-    *items*: those that share a structure as stacks of ``min_stack`` to ``max_stack``
-    (``training.train_stack``), the others one by one.
+    *items*: those that share a structure and train faster stacked (``stack_pays``) as stacks of ``min_stack``
+    to ``max_stack`` (``training.train_stack``), the others one by one.
 
     Runs to resume are stacked only with runs resuming from the same step. With ``workers`` > 1 (on the
     CPU) the items train side by side in that many processes of one thread each (``pool.py``), the
@@ -119,7 +119,7 @@ def obtain_many(
             done(config, previous, "reused")
             continue
         step = store.load_checkpoint(path)["step"] if policy == "reuse" and resumable(path, config) else None
-        key = (structure(config), step) if stackable(config) else (config, step)
+        key = (structure(config), step) if stack_pays(config) else (config, step)
         groups.setdefault(key, []).append(config)
     items = []
     for (_, step), group in groups.items():

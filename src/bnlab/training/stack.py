@@ -25,7 +25,8 @@ weights from then on; the others go on, unaffected.
 
 Why not for every run: dropout (its masks come from the global generator in the order of the
 sequential run, which vmap cannot reproduce), gradient clipping, RMSProp, time budgets and recurrent
-networks are trained one run at a time (``stackable``).
+networks are trained one run at a time (``stackable``). And a ConvNet, which a stack can train, is
+trained alone where runs are grouped (``stack_pays``): its grouped convolutions under vmap are slower.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from bnlab.config import TrainConfig
 
-__all__ = ["NetworkStack", "StackOptimizer", "stackable", "structure"]
+__all__ = ["NetworkStack", "StackOptimizer", "stack_pays", "stackable", "structure"]
 
 STACKED_OPTIMIZERS = ("sgd", "adam")
 ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}  # the notebook's, as bnlab.training.loop.make_optimizer
@@ -56,6 +57,15 @@ def stackable(config: TrainConfig) -> bool:
         and config.clip is None
         and config.seconds is None
     )
+
+
+def stack_pays(config: TrainConfig) -> bool:
+    """Whether ``config``'s run trains faster in a stack (of 8 or more) than alone, as measured by
+    ``benchmarks/stack_speed.py``: the MLPs, 1.2-1.6x per run-step at one thread. Not the ConvNet: vmap
+    makes its convolutions grouped ones, which ran at 0.5-0.7x the run alone in channels_last (stacks
+    of 1, 8 and 15, both arms, 2026-12-03). Not measured on CUDA, where the ConvNet is trained alone too
+    until a measurement there says otherwise."""
+    return stackable(config) and config.model == "mlp"
 
 
 def structure(config: TrainConfig) -> TrainConfig:
