@@ -61,7 +61,7 @@ BUDGETS: dict[str, Budget] = {
     "quick": Budget(
         "quick",
         seeds=2,
-        runtime="about 5.5 min on 2 CPU cores",
+        runtime="about 4.5 min on 2 CPU cores",
         batches=600,
         eval_every=100,
         speed_batches=(4000, 400),
