@@ -236,3 +236,29 @@ def test_a_member_stopped_by_a_hook_is_left_as_it_stopped(data64, float64):
     saved = optimizer.member_state_dict(1)
     assert {float(entry["step"]) for entry in saved["state"].values()} == {3.0}
     torch.testing.assert_close(saved["state"][0]["exp_avg"], alone.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_resting_member_keeps_its_weights_and_optimizer_state(float64, optimizer):
+    """step(active) with a member not active: its slices are as they were, the others' as if it were not there."""
+    configs = [MLP.replace(seed=s, optimizer=optimizer, momentum=0.9 if optimizer == "sgd" else 0.0) for s in range(3)]
+
+    def stepped(active: list[bool]) -> tuple[NetworkStack, StackOptimizer]:
+        torch.manual_seed(0)
+        stack = NetworkStack([build_network(c) for c in configs])
+        optimizer_ = StackOptimizer(stack, optimizer, [0.1, 0.2, 0.3], configs[0].momentum)
+        for _ in range(2):
+            optimizer_.zero_grad()
+            stack(torch.randn(3, 8, 1, 28, 28, dtype=torch.float64)).square().sum().backward()
+            optimizer_.step(torch.tensor(active))
+        return stack, optimizer_
+
+    everyone, _ = stepped([True, True, True])
+    resting, resting_optimizer = stepped([True, False, True])
+    untouched, untouched_optimizer = stepped([False, False, False])
+    for name, p in resting.params.items():
+        torch.testing.assert_close(p[1], untouched.params[name][1], rtol=0, atol=0)
+        torch.testing.assert_close(p[[0, 2]], everyone.params[name][[0, 2]], rtol=0, atol=0)
+        for k, v in resting_optimizer.state.get(name, {}).items():
+            torch.testing.assert_close(v[1], untouched_optimizer.state[name][k][1], rtol=0, atol=0)
+    assert resting_optimizer.member_steps == [2, 0, 2]

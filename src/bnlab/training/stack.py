@@ -180,15 +180,20 @@ class StackOptimizer:
 
     @torch.no_grad()
     def step(self, active: Tensor) -> None:
-        """One update of every member where ``active``; in place, one pass per state tensor where it can."""
+        """One update of every member where ``active``; in place, one pass per state tensor where it can.
+
+        The members not active keep their weights and optimizer state: their slices are copied before the
+        update and put back after it, a cost in proportion to how many they are (a stack with one stopped
+        member of 32 does not copy the other 31)."""
         self.steps += 1
         for m in active.nonzero().flatten().tolist():
             self.member_steps[m] += 1
-        everyone = bool(active.all())
+        resting = (~active.bool()).nonzero().flatten().to(next(iter(self.stack.params.values())).device)
         for key, p in self.stack.params.items():
             if p.grad is None:
                 continue
-            keep = None if everyone else p.clone()
+            tensors = (p, *self.state.get(key, {}).values())
+            kept = [t.index_select(0, resting) for t in tensors] if len(resting) else []
             if self.name == "sgd":
                 grad = p.grad
                 if self.momentum:
@@ -198,8 +203,8 @@ class StackOptimizer:
                 p.addcmul_(grad, self._per_member(-self.lrs, p))
             else:
                 self._adam(p, self.state[key])
-            if keep is not None:  # the stopped members' weights as they were
-                p.copy_(torch.where(self._per_member(active, p).bool(), p, keep))
+            for t, saved in zip(tensors[: len(kept)], kept, strict=True):  # the resting members' as they were
+                t.index_copy_(0, resting, saved)
 
     def _adam(self, p: Tensor, state: dict[str, Tensor]) -> None:
         (beta1, beta2), eps = ADAM["betas"], ADAM["eps"]
