@@ -145,60 +145,48 @@ def fit_stack(
             hook.start(state)
     stack.train()
     stopped: dict[int, tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]] = {}  # member -> its state then
+
+    def stop(m: int) -> None:
+        stopped[m] = stack.snapshot(m), optimizer.snapshot(m)
+
     try:
-        _stack_steps(stack, optimizer, states, batches, steps, loss, hooks, stopped)
+        while True:
+            training = [m for m, state in enumerate(states) if state.step < steps and state.stop is None]
+            if not training:
+                return
+            drawn = [next(stream) for stream in batches]
+            images, labels = torch.stack([x for x, _ in drawn]), torch.stack([y for _, y in drawn])
+            start = time.perf_counter()
+            losses = torch.vmap(partial(loss_fn, loss))(stack(images), labels)
+            values = losses.tolist()
+            for m in training:
+                if not math.isfinite(values[m]):
+                    states[m].stop, states[m].message = "diverged", f"loss became {values[m]} at batch {states[m].step}"
+                    stop(m)  # as fit leaves a diverged run: the forward's statistics in, the step not taken
+            training = [m for m in training if states[m].stop is None]
+            if not training:
+                return
+            active = torch.zeros(len(states), dtype=torch.bool)
+            active[training] = True
+            optimizer.zero_grad()
+            torch.where(active.to(losses.device), losses, 0).sum().backward()  # where: a NaN loss sends no gradient
+            optimizer.step(active)
+            if any(p.is_cuda for p in stack.parameters()):
+                torch.cuda.synchronize()
+            share = (time.perf_counter() - start) / len(training)
+            for m in training:
+                state = states[m]
+                state.clock += share
+                state.step += 1
+                state.loss, state.images, state.labels = values[m], drawn[m][0], drawn[m][1]
+                for hook in hooks[m]:
+                    hook.after_step(state)
+                if state.stop is not None:
+                    stop(m)
     finally:  # later steps of the others moved a stopped member's statistics and moments: back as it stopped
         for m, (tensors, moments) in stopped.items():
             stack.restore(m, tensors)
             optimizer.restore(m, moments)
-
-
-def _stack_steps(
-    stack: NetworkStack,
-    optimizer: StackOptimizer,
-    states: Sequence[LoopState],
-    batches: Sequence[Iterator[tuple[Tensor, Tensor]]],
-    steps: int,
-    loss: str,
-    hooks: Sequence[Sequence[Hook]],
-    stopped: dict[int, tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]],
-) -> None:
-    def stop(m: int) -> None:
-        stopped[m] = stack.snapshot(m), optimizer.snapshot(m)
-
-    while True:
-        training = [m for m, state in enumerate(states) if state.step < steps and state.stop is None]
-        if not training:
-            return
-        drawn = [next(stream) for stream in batches]
-        images, labels = torch.stack([x for x, _ in drawn]), torch.stack([y for _, y in drawn])
-        start = time.perf_counter()
-        losses = torch.vmap(partial(loss_fn, loss))(stack(images), labels)
-        values = losses.tolist()
-        for m in training:
-            if not math.isfinite(values[m]):
-                states[m].stop, states[m].message = "diverged", f"loss became {values[m]} at batch {states[m].step}"
-                stop(m)  # as fit leaves a diverged run: the forward's statistics in, the step not taken
-        training = [m for m in training if states[m].stop is None]
-        if not training:
-            return
-        active = torch.zeros(len(states), dtype=torch.bool)
-        active[training] = True
-        optimizer.zero_grad()
-        torch.where(active.to(losses.device), losses, 0).sum().backward()  # where: a NaN loss sends no gradient
-        optimizer.step(active)
-        if any(p.is_cuda for p in stack.parameters()):
-            torch.cuda.synchronize()
-        share = (time.perf_counter() - start) / len(training)
-        for m in training:
-            state = states[m]
-            state.clock += share
-            state.step += 1
-            state.loss, state.images, state.labels = values[m], drawn[m][0], drawn[m][1]
-            for hook in hooks[m]:
-                hook.after_step(state)
-            if state.stop is not None:
-                stop(m)
 
 
 def make_optimizer(name: str, parameters: Sequence[nn.Parameter], lr: float, momentum: float = 0.0, fast: bool = True):
