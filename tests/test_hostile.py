@@ -190,6 +190,25 @@ def test_recalibrate_while_another_writes_the_run_is_refused(finished_run, capsy
     assert "--overwrite" in one_line(capsys.readouterr().err)
 
 
+def test_a_file_written_outside_a_run_is_locked_and_leaves_no_trace(tmp_path, monkeypatch):
+    """recalibrate --out into a user's folder: a second writer is refused, and the folder keeps no lock file."""
+    target = tmp_path / "model-precise.pt"
+    with store.writing(target), pytest.raises(UsageError, match="another bnlab process"), store.writing(target):
+        pass
+    assert list(tmp_path.iterdir()) == []
+    real_flock = store.fcntl.flock
+
+    def holder_finished_between_open_and_flock(fd: int, operation: int) -> None:
+        lock = tmp_path / ".model-precise.pt.lock"
+        lock.unlink()  # the holder removed the file we opened; a third writer made a new one and holds it
+        lock.touch()
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(store.fcntl, "flock", holder_finished_between_open_and_flock)
+    with pytest.raises(UsageError, match="another bnlab process is writing"), store.writing(target):
+        pass
+
+
 # --- Refusals that name the problem -----------------------------------------------------------------------
 
 

@@ -136,7 +136,10 @@ class RunDir:
         lock = open(path / name, "a")  # noqa: SIM115 (held open for the run's lifetime)
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # a lock file its holder removed (``writing``) between our open and our flock is not the lock
+            if os.fstat(lock.fileno()).st_ino != (path / name).stat().st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
             lock.close()
             raise UsageError(f"another bnlab process is writing {path}; wait for it or choose another folder") from None
         return lock
@@ -212,7 +215,7 @@ def writing(path: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        (path.parent / name).unlink(missing_ok=True)  # under the lock: a process still trying to take it fails
+        (path.parent / name).unlink(missing_ok=True)  # under the lock: one who opened it first finds it gone
         lock.close()
 
 
