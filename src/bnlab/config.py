@@ -55,9 +55,13 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str]) ->
         raise UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise UsageError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
+def check_int(name: str, value: Any, low: int, high: int | None = None, why: str = "") -> None:
+    """A whole number in [low, high] (no upper bound when ``high`` is None); ``why`` says why the bound."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        because = f" ({why})" if why else ""
+        if high is None:
+            raise UsageError(f"{name} must be at least {low}{because}, a whole number; got {value!r}")
+        raise UsageError(f"{name} must be an integer in [{low}, {high}]{because}; got {value!r}")
 
 
 def _check_number(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:

@@ -34,6 +34,7 @@ from bnlab.check.probes import one_line, scoring_findings
 from bnlab.check.report import Finding, Report, StatisticsCost
 from bnlab.check.rules import RULES, Rule
 from bnlab.check.spec import load_model_spec, require_values
+from bnlab.config import check_int
 from bnlab.data import Split, load_mnist
 from bnlab.errors import BnlabError, UsageError
 from bnlab.nn import is_batch_norm
@@ -86,10 +87,7 @@ def check_model(
         ("held_out", held_out),
         ("batch_size", batch_size),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise UsageError(
-                f"{name} must be at least 2 (batch statistics need two samples), a whole number; got {value!r}"
-            )
+        check_int(name, value, 2, why="batch statistics need two samples")
     require_values(model)
     if data is None:
         data = load_mnist(data_dir).test

@@ -26,6 +26,7 @@ from bnlab.config import TrainConfig
 from bnlab.data import MNIST
 from bnlab.training.loop import fit
 from bnlab.training.runner import prepare
+from bnlab.training.work import num_threads
 
 __all__ = ["ROUNDS", "SLICE_STEPS", "StepCost", "charged", "interleaved_costs", "method"]
 
@@ -80,12 +81,8 @@ def interleaved_costs(
     steps of each in turn (the order rotated each round), after ``warmup`` steps of each (allocations,
     caches). A network that diverges is built again and its slice goes on. At ``threads`` torch threads: one,
     as the lab's workers train (and on a busy 2-core machine two threads swing between regimes)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         return _interleaved(configs, data, device, rounds, slice_steps, warmup)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _interleaved(

@@ -72,15 +72,16 @@ def obtain(
     (its status says so), never an exception: the same whether it was trained now or is reused.
     """
     check_policy(policy)
-    path = run_dir(root, config, device)
-    options = {**options, "raise_on_divergence": False}  # a diverged run is a result, now as when reused later
+    device = torch.device(device)
+    resume = False
     if policy == "reuse":
+        path = run_dir(root, config, device)
         previous = load_run(path, config)
         if previous is not None:
             return previous, "reused"
-        if resumable(path, config):
-            return train(config, data, run_dir=path, resume=True, device=device, **options), "resumed"
-    return train(config, data, run_dir=path, replace=True, device=device, **options), "trained"
+        resume = resumable(path, config)
+    [result] = train_item(Item((config,), resume), data, root, device, options)
+    return result, "resumed" if resume else "trained"
 
 
 def obtain_many(

@@ -10,9 +10,11 @@ fraction of peak a lab reaches is a ratio of two figures taken side by side.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,7 +23,7 @@ from bnlab.config import TrainConfig
 from bnlab.models import build_network
 from bnlab.training.evaluate import loss_fn
 
-__all__ = ["matmul_peak", "step_flops"]
+__all__ = ["matmul_peak", "num_threads", "step_flops"]
 
 
 # what a training step's FLOPs depend on: the network's shape, the loss and the batch. Everything else (seed,
@@ -52,13 +54,22 @@ def _counted(config: TrainConfig) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(size: int = 1024, repeats: int = 9, threads: int | None = None) -> float:
-    """FLOP/s of a float32 matmul of two size x size matrices on this machine now: the median of ``repeats``,
-    with ``threads`` intra-op threads (default: torch's current setting, which is left as it was)."""
+@contextlib.contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` inside the block (None: left as they are), restored after."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def matmul_peak(size: int = 1024, repeats: int = 9, threads: int | None = None) -> float:
+    """FLOP/s of a float32 matmul of two size x size matrices on this machine now: the median of ``repeats``,
+    with ``threads`` intra-op threads (default: torch's current setting, which is left as it was)."""
+    with num_threads(threads):
         a, b = torch.randn(size, size), torch.randn(size, size)
         a @ b  # warm-up: threads, caches
         timings = []
@@ -66,6 +77,4 @@ def matmul_peak(size: int = 1024, repeats: int = 9, threads: int | None = None) 
             start = time.perf_counter()
             a @ b
             timings.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous)
     return 2 * size**3 / statistics.median(timings)
