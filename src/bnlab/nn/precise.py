@@ -210,10 +210,9 @@ def recalibrate(
             _unobserve(layer)
         for module, training in modes:
             module.training = training
-    # reached: from the statistics written, which with a process group are every shard's together
-    reached = {id(m): bool((state[0] > 0).any()) for (_, m), state in zip(layers, states, strict=True)}
-    updated = [name for name, m in layers if reached[id(m)]]
-    if layers and not updated:
+    # the layers reached, from the statistics written: with a process group, every shard's together
+    updated = [name for (name, _), state in zip(layers, states, strict=True) if bool((state[0] > 0).any())]
+    if not updated:
         raise UsageError("recalibrate: no BN layer received any data")
     skipped = [name for name, _ in named if name not in updated]
     return Recalibration(updated, count, seen_batches, time.perf_counter() - start, skipped, form=form, batch_dim=dim)
