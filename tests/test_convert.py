@@ -217,7 +217,7 @@ class CallsItsChildren(nn.Module):
 @pytest.mark.parametrize(
     "model, to, fragment",
     [
-        (nn.BatchNorm2d(3), "tensorflow", "to must be one of manual, torch, sync; got 'tensorflow'"),
+        (nn.BatchNorm2d(3), "tensorflow", "to must be one of manual, torch, renorm, ghost, frozen, sync, group; got"),
         (nn.Sequential(nn.SyncBatchNorm(3)), "manual", "0 is an nn.SyncBatchNorm, which takes input of any rank"),
         (nn.Sequential(nn.LazyBatchNorm2d()), "manual", "run one forward pass first"),
         (nn.Sequential(nn.Sequential(CallsItsChildren())), "torch", "0.0.norm is a bnlab BatchNorm with fused_relu"),

@@ -1,4 +1,5 @@
-"""Cross-process statistics: two processes with half a batch each match one process with all of it."""
+"""Cross-process statistics: two processes with half a batch each match one process with all of it (batch norm
+and batch renorm)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,23 @@ def _batch():
     return x, dy
 
 
-def _run(rank: int, world: int, store: str, out: str) -> None:
+def _layer(kind: str, process_group=None):
+    """Batch norm, or batch renorm with running statistics far from the batch's, so that r and d matter."""
+    if kind == "batch norm":
+        return norm.BatchNorm2d(3, process_group=process_group).double()
+    layer = norm.BatchRenorm2d(3, warmup_steps=0, rmax=1.5, dmax=2.0, process_group=process_group).double()
+    with torch.no_grad():
+        layer.running_mean.fill_(1e3 + 2.0)
+        layer.running_var.fill_(2.0)
+    return layer
+
+
+def _run(rank: int, world: int, store: str, out: str, kind: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         x, dy = _batch()
         part = slice(rank * 4, rank * 4 + 4)
-        layer = norm.BatchNorm2d(3, process_group=dist.group.WORLD).double()
+        layer = _layer(kind, dist.group.WORLD)
         xi = x[part].clone().requires_grad_()
         y = layer(xi)
         y.backward(dy[part])
@@ -39,11 +51,12 @@ def _run(rank: int, world: int, store: str, out: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_two_processes_match_one_global_batch(tmp_path):
+@pytest.mark.parametrize("kind", ["batch norm", "batch renorm"])
+def test_two_processes_match_one_global_batch(tmp_path, kind):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_run, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2, join=True)
+    mp.spawn(_run, args=(2, str(tmp_path / "store"), str(tmp_path / "out"), kind), nprocs=2, join=True)
     x, dy = _batch()
-    single = norm.BatchNorm2d(3).double()
+    single = _layer(kind)
     xs = x.clone().requires_grad_()
     y = single(xs)
     y.backward(dy)

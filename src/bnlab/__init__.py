@@ -22,6 +22,15 @@ _OWNERS = {
     "BatchNorm1d": "bnlab.nn.batchnorm",
     "BatchNorm2d": "bnlab.nn.batchnorm",
     "BatchNorm3d": "bnlab.nn.batchnorm",
+    "BatchRenorm1d": "bnlab.nn.renorm",
+    "BatchRenorm2d": "bnlab.nn.renorm",
+    "BatchRenorm3d": "bnlab.nn.renorm",
+    "GhostBatchNorm1d": "bnlab.nn.ghost",
+    "GhostBatchNorm2d": "bnlab.nn.ghost",
+    "GhostBatchNorm3d": "bnlab.nn.ghost",
+    "FrozenBatchNorm1d": "bnlab.nn.frozen",
+    "FrozenBatchNorm2d": "bnlab.nn.frozen",
+    "FrozenBatchNorm3d": "bnlab.nn.frozen",
     "batch_norm": "bnlab.nn.functional",
     "convert": "bnlab.nn.convert",
     "Recalibration": "bnlab.nn.precise",
@@ -54,10 +63,19 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "Batches",
     "BnlabError",
     "CheckpointError",
     "DataError",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "Recalibration",
     "RunResult",
     "SeedConvNet",
@@ -102,9 +120,12 @@ if TYPE_CHECKING:  # what static checkers and IDEs see: the same names, imported
     from bnlab.models import SeedConvNet, build_model, summary
     from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
     from bnlab.nn.convert import convert
+    from bnlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
     from bnlab.nn.functional import batch_norm
+    from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
     from bnlab.nn.precise import Recalibration, recalibrate
     from bnlab.nn.recurrent import BNLSTM, BNLSTMCell, SequenceBatchNorm
+    from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
     from bnlab.training.evaluate import evaluate, one_at_a_time_accuracy
     from bnlab.training.result import RunResult
     from bnlab.training.runner import train

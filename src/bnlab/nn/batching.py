@@ -21,17 +21,17 @@ from torch import Tensor
 
 from bnlab.nn import ops
 
-__all__: list[str] = []
+__all__ = ["merge_members", "split_members"]
 
 
-def _merge(x: Tensor, dim: int | None, members: int) -> Tensor:
+def merge_members(x: Tensor, dim: int | None, members: int) -> Tensor:
     """x with the members' dimension folded into the features: (N, M * C, *)."""
     x = x.unsqueeze(0).expand(members, *x.shape) if dim is None else x.movedim(dim, 0)
     members_first = x.movedim(0, 1)  # (N, M, C, *)
     return members_first.reshape(x.shape[1], members * x.shape[2], *x.shape[3:])
 
 
-def _split(y: Tensor, members: int) -> Tensor:
+def split_members(y: Tensor, members: int) -> Tensor:
     """The merged (N, M * C, *) output as (N, M, C, *): members along dimension 1."""
     return y.view(y.shape[0], members, y.shape[1] // members, *y.shape[2:])
 
@@ -65,14 +65,14 @@ def _train(info, in_dims, x, weight, bias, running_mean, running_var, momentum, 
     m = info.batch_size
     mean, mean_back = _running(running_mean, mean_dim)
     var, var_back = _running(running_var, var_dim)
-    merged = _merge(x, x_dim, m)
+    merged = merge_members(x, x_dim, m)
     y, stats = ops.batch_norm_train(
         merged, _per_feature(weight, w_dim, m), _per_feature(bias, b_dim, m), mean, var, momentum, eps, unbiased, relu
     )
     for back, flat in ((mean_back, mean), (var_back, var)):
         if back is not None:
             back.copy_(flat.view(back.shape))
-    return (_split(y, m), stats.view(3, m, -1)), (1, 1)
+    return (split_members(y, m), stats.view(3, m, -1)), (1, 1)
 
 
 @torch.library.register_vmap("bnlab::batch_norm_eval")
@@ -80,7 +80,7 @@ def _eval(info, in_dims, x, weight, bias, mean, var, eps, relu):
     x_dim, w_dim, b_dim, mean_dim, var_dim = in_dims[:5]
     m = info.batch_size
     y = ops.batch_norm_eval(
-        _merge(x, x_dim, m),
+        merge_members(x, x_dim, m),
         _per_feature(weight, w_dim, m),
         _per_feature(bias, b_dim, m),
         _per_feature(mean, mean_dim, m),
@@ -88,7 +88,7 @@ def _eval(info, in_dims, x, weight, bias, mean, var, eps, relu):
         eps,
         relu,
     )
-    return _split(y, m), 1
+    return split_members(y, m), 1
 
 
 @torch.library.register_vmap("bnlab::batch_norm_backward")
@@ -99,10 +99,10 @@ def _backward(info, in_dims, x, weight, stats, dy, y):
     merged_stats = stats.unsqueeze(0).expand(m, *stats.shape) if stats_dim is None else stats.movedim(stats_dim, 0)
     merged_stats = merged_stats.movedim(0, 1).reshape(3, -1)
     dx, dweight, dbias = ops.batch_norm_backward(
-        _merge(x, x_dim, m),
+        merge_members(x, x_dim, m),
         _per_feature(weight, w_dim, m),
         merged_stats,
-        _merge(dy, dy_dim, m),
-        None if y is None else _merge(y, y_dim, m),
+        merge_members(dy, dy_dim, m),
+        None if y is None else merge_members(y, y_dim, m),
     )
-    return (_split(dx, m), dweight.view(m, -1), dbias.view(m, -1)), (1, 0, 0)
+    return (split_members(dx, m), dweight.view(m, -1), dbias.view(m, -1)), (1, 0, 0)

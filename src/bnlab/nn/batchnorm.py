@@ -36,7 +36,24 @@ def copy_sharing_process_group(module: nn.Module, memo: dict[int, Any]) -> Any:
     return copied
 
 
-class _BatchNorm(nn.Module):
+class _NormLayer(nn.Module):
+    """A normalization layer of one input rank: ``_input_dims`` (checked per call, with the layer's name)."""
+
+    _input_dims: tuple[int, ...] = ()
+    _input_text = ""
+    _layer_name = ""
+    __constants__ = ("_input_dims", "_input_text", "_layer_name")  # class-level: TorchScript reads them as constants
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._layer_name = cls.__name__
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() not in self._input_dims:
+            raise ValueError(f"{self._layer_name} expects {self._input_text} input, got {x.dim()}D input")
+
+
+class _BatchNorm(_NormLayer):
     """Shared by BatchNorm1d/2d/3d; same constructor, attributes and state_dict as PyTorch's.
 
     Beyond PyTorch's options: ``unbiased_running_var`` (False keeps the biased variance, as
@@ -49,14 +66,6 @@ class _BatchNorm(nn.Module):
     """
 
     _version = 2  # PyTorch's: state dicts carry num_batches_tracked
-    _input_dims: tuple[int, ...] = ()
-    _input_text = ""
-    _layer_name = ""
-    __constants__ = ("_input_dims", "_input_text", "_layer_name")  # class-level: TorchScript reads them as constants
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._layer_name = cls.__name__
 
     def __init__(
         self,
@@ -119,19 +128,11 @@ class _BatchNorm(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() not in self._input_dims:
-            raise ValueError(f"{self._layer_name} expects {self._input_text} input, got {x.dim()}D input")
-
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.observer is not None and self.training and self.running_mean is not None:
             return self._observed(x)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = self._count_batch()
         # As PyTorch: in training without tracking, the buffers (if any) are neither used nor updated.
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
@@ -143,6 +144,15 @@ class _BatchNorm(nn.Module):
             x, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps,
             self.unbiased_running_var, self.fused_relu,
         )  # fmt: skip
+
+    def _count_batch(self) -> float:
+        """The factor by which the running statistics follow this call's batch; a training call counts itself."""
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return momentum
 
     @torch.jit.unused
     def _observed(self, x: Tensor) -> Tensor:

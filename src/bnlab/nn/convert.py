@@ -1,7 +1,11 @@
-"""Swap the batch-norm implementation of any model: PyTorch's layers <-> bnlab's.
+"""Swap the batch-norm layers of any model: PyTorch's <-> bnlab's, and to batch norm's family.
 
-    model = convert(model, to="manual")   # nn.BatchNorm1d/2d/3d -> bnlab.BatchNorm1d/2d/3d
-    model = convert(model, to="torch")    # bnlab.BatchNorm1d/2d/3d -> nn.BatchNorm1d/2d/3d
+    model = convert(model, to="manual")   # nn.BatchNorm1d/2d/3d (or any of the family) -> bnlab.BatchNorm1d/2d/3d
+    model = convert(model, to="torch")    # bnlab's -> nn.BatchNorm1d/2d/3d
+    model = convert(model, to="renorm", rmax=3.0, dmax=5.0, warmup_steps=5000)   # -> bnlab.BatchRenorm*
+    model = convert(model, to="ghost", virtual_batch_size=16)                    # -> bnlab.GhostBatchNorm*
+    model = convert(model, to="frozen")   # -> bnlab.FrozenBatchNorm*: statistics and affine fixed as they are
+    model = convert(model, to="group")    # -> nn.GroupNorm (``group_count``'s rule, or num_groups=G)
 
 Like ``nn.SyncBatchNorm.convert_sync_batchnorm`` it works in place and returns the model: each BN
 layer is replaced inside its parent, however deeply nested, and the new layer takes over the old
@@ -9,6 +13,12 @@ one's parameter and buffer *tensors* (not copies). So values, device, dtype and 
 cannot change, and an optimizer built before the conversion keeps updating the same tensors. Use
 the return value: a model that is itself a BN layer comes back as a new module. For an independent
 copy, convert ``copy.deepcopy(model)``. Hooks registered on the old layers are not carried over.
+
+The batch-norm family (``FAMILIES``): batch norm (PyTorch's, bnlab's), batch renorm, ghost batch norm and
+frozen batch norm, each in 1d/2d/3d; a layer of any of them converts to any other of the same rank, and a
+layer already of the target's kind is left as it is. Options after ``to`` go to the new layers'
+constructors (renorm's ``rmax``, ``dmax``, ``warmup_steps``, ``warmup``, ``renorm_momentum``; ghost's
+``virtual_batch_size``, which it needs; group's ``num_groups``).
 
 Carried over: ``eps``, ``momentum`` (``None`` included), ``affine``, ``bias``,
 ``track_running_stats``, the training mode, ``weight``, ``bias``, ``running_mean``,
@@ -29,9 +39,21 @@ Where the two differ:
   Any other parent calls its children in its own ``forward``, where a ReLU cannot be added, so the
   conversion stops with an error naming the layer. Converting to "manual" never fuses: ``nn.ReLU``
   modules stay where they are.
+- Frozen. Its weight, bias and running statistics become buffers holding the same tensors (an
+  affine-free layer gets ones and zeros); a layer without running statistics cannot be frozen (an
+  error names it). Converted back, they become parameters again (the same storage) with
+  ``num_batches_tracked`` 0 and torch.nn's momentum 0.1; eval outputs are the same both ways.
+- Renorm and ghost keep batch norm's state exactly, so eval outputs do not change; training differs
+  by design (renorm with rmax=1, dmax=0 and ghost with a virtual batch of the whole batch are batch
+  norm). Renorm's own moving mean and sigma (``renorm_momentum``) are dropped when converting away.
+- Group. ``nn.GroupNorm`` takes the weight and bias (the same tensors), not the running statistics,
+  which it has no place for: it normalizes each sample by its own groups' statistics, so outputs
+  change, in training and in eval. A warning says so, naming the layers.
 - Process groups. A bnlab layer with a ``process_group`` becomes ``nn.SyncBatchNorm`` with that
   group. The other way round is refused: ``nn.SyncBatchNorm`` accepts any input rank, so there is
-  no BatchNorm1d/2d/3d to map it to.
+  no BatchNorm1d/2d/3d to map it to. Frozen and group layers take no batch statistics, so a
+  ``process_group`` has nothing to synchronize there and is dropped (with a warning); ghost batch
+  norm has no synchronized form, so converting a synchronized layer to it is refused.
 """
 
 from __future__ import annotations
@@ -39,6 +61,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
@@ -46,53 +69,76 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnlab.errors import UsageError
 from bnlab.nn import batchnorm as norm
+from bnlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
+from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
-__all__ = ["TARGETS", "convert"]
+__all__ = ["FAMILIES", "TARGETS", "convert", "group_count"]
 
-TARGETS = ("manual", "torch", "sync")
-
-_TO_MANUAL: dict[type[nn.Module], type[norm._BatchNorm]] = {
-    nn.BatchNorm1d: norm.BatchNorm1d,
-    nn.BatchNorm2d: norm.BatchNorm2d,
-    nn.BatchNorm3d: norm.BatchNorm3d,
+FAMILIES: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
+    "manual": (norm.BatchNorm1d, norm.BatchNorm2d, norm.BatchNorm3d),
+    "torch": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+    "renorm": (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d),
+    "ghost": (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d),
+    "frozen": (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d),
 }
-_TO_TORCH: dict[type[norm._BatchNorm], type[nn.Module]] = {v: k for k, v in _TO_MANUAL.items()}
+"""Batch norm's family, by kind, each kind's layers for inputs of rank 2-3, 4 and 5."""
+TARGETS = (*FAMILIES, "sync", "group")
+_OPTIONS = {
+    "renorm": ("rmax", "dmax", "warmup_steps", "warmup", "renorm_momentum"),
+    "ghost": ("virtual_batch_size",),
+    "group": ("num_groups",),
+}
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_FUSES_RELU = ("manual", "renorm", "ghost")  # the kinds with a fused_relu option
+MAX_GROUPS = 32  # Wu & He's default
 
 
-def convert(model: nn.Module, to: str, *, process_group: Any | None = None) -> nn.Module:
-    """Replace every batch-norm layer in ``model`` by ``to``'s ("manual": bnlab's, "torch": PyTorch's).
+def group_count(channels: int, at_most: int = MAX_GROUPS) -> int:
+    """GroupNorm's groups for ``channels``: ``at_most`` (32, Wu & He's default), or the largest divisor of
+    ``channels`` below it (GroupNorm needs groups that divide the channels): 64 -> 32, 48 -> 24, 10 -> 10."""
+    return max(g for g in range(1, min(at_most, channels) + 1) if channels % g == 0)
+
+
+def convert(model: nn.Module, to: str, *, process_group: Any | None = None, **options: Any) -> nn.Module:
+    """Replace every batch-norm layer in ``model`` by ``to``'s kind (see ``TARGETS`` and the module docstring).
 
     ``to="sync"``: bnlab's layers, synchronized over ``process_group`` (default: the whole default
-    group), whatever they were (PyTorch's or bnlab's, recurrent ones included): what data-parallel
-    training needs, on any device and backend. ``process_group`` with "manual" does the same.
+    group): PyTorch's become bnlab's, and bnlab's (renorm and recurrent ones included) join the group;
+    what data-parallel training needs, on any device and backend. ``process_group`` with "manual" does the
+    same. ``options``: the new layers' own constructor options (renorm, ghost, group).
 
     In place; returns the model (a new module if ``model`` itself is a BN layer). See the module
     docstring for what carries over and the conventions that need care.
     """
     if to not in TARGETS:
         raise UsageError(f"convert: to must be one of {', '.join(TARGETS)}; got {to!r}")
+    unknown = sorted(set(options) - set(_OPTIONS.get(to, ())))
+    if unknown:
+        allowed = ", ".join(_OPTIONS.get(to, ())) or "none"
+        raise UsageError(f"convert(to={to!r}): unknown option {', '.join(unknown)} (its options: {allowed})")
+    if to == "ghost" and "virtual_batch_size" not in options:
+        raise UsageError("convert(to='ghost') needs virtual_batch_size=, the samples per virtual batch")
     if to == "sync" or (to == "manual" and process_group is not None):
-        return _synchronized(convert(model, "manual"), process_group)
-    if to == "torch" and isinstance(model, norm._BatchNorm) and model.fused_relu:
+        return _synchronized(_convert(model, "manual", ("torch",), {}), process_group)
+    if to in ("torch", "frozen", "group") and isinstance(model, norm._BatchNorm) and model.fused_relu:
         raise UsageError(
-            "convert: the model is a single bnlab BatchNorm with fused_relu=True, and PyTorch's layer has no "
+            f"convert: the model is a single bnlab BatchNorm with fused_relu=True, and the {to} layer has no "
             "ReLU of its own; wrap it in nn.Sequential, which convert extends with an nn.ReLU."
         )
-    biased: list[str] = []
-    converted = _replacement(model, "the model", to, biased)
+    return _convert(model, to, tuple(kind for kind in FAMILIES if kind != to), options)
+
+
+def _convert(model: nn.Module, to: str, sources: tuple[str, ...], options: dict[str, Any]) -> nn.Module:
+    """The conversion of the layers of the ``sources`` kinds to ``to``'s, then one warning per kind of loss."""
+    notes: dict[str, list[str]] = {}
+    converted = _replacement(model, "the model", to, sources, options, notes)
     if converted is None:
-        _convert_children(model, "", to, {}, biased)
+        _convert_children(model, "", to, sources, options, {}, notes)
         converted = model
-    if biased:
-        more = f" and {len(biased) - 1} more layers" if len(biased) > 1 else ""
-        warnings.warn(
-            f"convert(to='torch'): {biased[0]}{more} kept a biased running variance (unbiased_running_var=False, "
-            "the notebook's convention), which torch.nn's batch norm cannot: statistics and outputs are "
-            "unchanged, but further training will update running_var with the unbiased batch variance.",
-            UserWarning,
-            stacklevel=2,
-        )
+    for why, paths in notes.items():
+        more = f" and {len(paths) - 1} more layers" if len(paths) > 1 else ""
+        warnings.warn(f"convert(to={to!r}): {paths[0]}{more} {why}", UserWarning, stacklevel=3)
     return converted
 
 
@@ -105,14 +151,25 @@ def _synchronized(model: nn.Module, process_group: Any | None) -> nn.Module:
                 "convert(to='sync') needs a process group: call torch.distributed.init_process_group first"
             )
         process_group = dist.group.WORLD
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if isinstance(module, FAMILIES["ghost"]):
+            raise UsageError(
+                f"convert(to='sync'): {name or 'the model'} is a ghost batch norm, which normalizes each virtual "
+                "batch by its own statistics and has no synchronized form; convert it to 'manual' first"
+            )
         if isinstance(module, (norm._BatchNorm, SequenceBatchNorm)):
             module.process_group = process_group
     return model
 
 
 def _convert_children(
-    module: nn.Module, prefix: str, to: str, done: dict[nn.Module, nn.Module], biased: list[str]
+    module: nn.Module,
+    prefix: str,
+    to: str,
+    sources: tuple[str, ...],
+    options: dict[str, Any],
+    done: dict[nn.Module, nn.Module],
+    notes: dict[str, list[str]],
 ) -> None:
     """Convert the BN layers below ``module``; ``done`` keeps a layer shared by two parents shared."""
     fused = []
@@ -120,57 +177,128 @@ def _convert_children(
         if child is None:
             continue
         if child not in done:
-            new = _replacement(child, prefix + name, to, biased)
+            new = _replacement(child, prefix + name, to, sources, options, notes)
             if new is None:  # not a layer to convert: look inside it
-                _convert_children(child, f"{prefix}{name}.", to, done, biased)
+                _convert_children(child, f"{prefix}{name}.", to, sources, options, done, notes)
             done[child] = child if new is None else new
         if done[child] is not child:
             setattr(module, name, done[child])
-            if to == "torch" and child.fused_relu:
+            if to not in _FUSES_RELU and getattr(child, "fused_relu", False):
                 fused.append(name)
     if fused:
         _add_relus(module, prefix, fused)
 
 
-def _replacement(layer: nn.Module, path: str, to: str, biased: list[str]) -> nn.Module | None:
-    """The converted counterpart of a BN layer; None for any other module (or one already ``to``'s)."""
-    if to == "manual" and isinstance(layer, _TorchBatchNorm):
-        if isinstance(layer, nn.SyncBatchNorm):
-            raise UsageError(
-                f"convert: {path} is an nn.SyncBatchNorm, which takes input of any rank, so it has no "
-                "bnlab BatchNorm1d/2d/3d counterpart; convert the model before "
-                "nn.SyncBatchNorm.convert_sync_batchnorm, then set process_group on bnlab's layers."
-            )
+def _kind(layer: nn.Module, path: str) -> tuple[str, int] | None:
+    """(the family kind, the rank index) of a batch-norm layer; None for any other module."""
+    if isinstance(layer, _TorchBatchNorm) and isinstance(layer, nn.SyncBatchNorm):
+        return "torch", -1  # any rank: refused where a rank is needed
+    for kind, classes in FAMILIES.items():
+        for rank, cls in enumerate(classes):
+            if isinstance(layer, cls):
+                return kind, rank
+    if isinstance(layer, (_TorchBatchNorm, norm._BatchNorm)):
         if isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
             raise UsageError(
                 f"convert: {path} is an uninitialized {type(layer).__name__}; run one forward pass first, so "
                 "that it knows its number of features."
             )
-        cls = next((ours for theirs, ours in _TO_MANUAL.items() if isinstance(layer, theirs)), None)
-        if cls is None:
-            raise UsageError(f"convert: {path} is a {type(layer).__name__}, which bnlab has no counterpart for.")
-        new: nn.Module = cls(
-            layer.num_features,
-            layer.eps,
-            layer.momentum,
-            layer.affine,
-            layer.track_running_stats,
-            device="meta",  # every tensor is taken over from the old layer below
-            bias=layer.bias is not None,
-        )
-    elif to == "torch" and isinstance(layer, norm._BatchNorm):
-        if layer.track_running_stats and not layer.unbiased_running_var:
-            biased.append(path)
-        args = (layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
-        if layer.process_group is not None:
-            new = nn.SyncBatchNorm(*args, layer.process_group, device="meta", bias=layer.bias is not None)
-        else:
-            cls = next(theirs for ours, theirs in _TO_TORCH.items() if isinstance(layer, ours))
-            new = cls(*args, device="meta", bias=layer.bias is not None)
-    else:
+        raise UsageError(f"convert: {path} is a {type(layer).__name__}, which bnlab has no counterpart for.")
+    return None
+
+
+def _replacement(
+    layer: nn.Module, path: str, to: str, sources: tuple[str, ...], options: dict[str, Any], notes: dict[str, list[str]]
+) -> nn.Module | None:
+    """The converted counterpart of a BN layer of the ``sources`` kinds; None for any other module."""
+    found = _kind(layer, path)
+    if found is None or found[0] not in sources:
         return None
-    for name in _STATE:  # the same tensors: values, device, dtype and requires_grad carry over
-        setattr(new, name, getattr(layer, name))
+    rank = found[1]
+    if rank < 0 and to != "torch":
+        raise UsageError(
+            f"convert: {path} is an nn.SyncBatchNorm, which takes input of any rank, so it has no "
+            "bnlab BatchNorm1d/2d/3d counterpart; convert the model before "
+            "nn.SyncBatchNorm.convert_sync_batchnorm, then set process_group on bnlab's layers."
+        )
+    frozen = isinstance(layer, _FrozenBatchNorm)
+    tracked = layer.running_mean is not None
+    group = getattr(layer, "process_group", None)
+    if group is not None and to in ("frozen", "group"):
+        notes.setdefault(
+            "had a process_group, which a layer without batch statistics has no use for: dropped", []
+        ).append(path)
+    if to == "frozen":
+        if not tracked:
+            raise UsageError(
+                f"convert(to='frozen'): {path} keeps no running statistics (track_running_stats=False), so there "
+                "is nothing to freeze it with; train it with statistics, or leave it as it is"
+            )
+        new: nn.Module = FAMILIES["frozen"][rank](layer.num_features, layer.eps, device="meta")
+        ones = torch.ones_like(layer.running_mean)
+        new.weight = ones if layer.weight is None else layer.weight.detach()
+        new.bias = torch.zeros_like(ones) if layer.bias is None else layer.bias.detach()
+        new.running_mean, new.running_var = layer.running_mean, layer.running_var
+        return new.train(layer.training)
+    if to == "group":
+        if tracked:
+            notes.setdefault(
+                "kept running statistics, which GroupNorm has no place for: dropped. GroupNorm normalizes each "
+                "sample by its own groups' statistics, so outputs change, in training and in eval",
+                [],
+            ).append(path)
+        channels = layer.num_features
+        groups = options.get("num_groups") or group_count(channels)
+        if channels % groups:
+            raise UsageError(f"convert(to='group'): {path} has {channels} channels, which {groups} groups don't divide")
+        affine = frozen or layer.weight is not None
+        new = nn.GroupNorm(groups, channels, layer.eps, affine, device="meta")
+        if affine:
+            new.weight = nn.Parameter(layer.weight) if frozen else layer.weight
+            bias = layer.bias if layer.bias is not None else torch.zeros_like(layer.weight)
+            new.bias = nn.Parameter(bias) if not isinstance(bias, nn.Parameter) else bias
+        return new.train(layer.training)
+    return _batch_norm_replacement(layer, path, to, rank, options, notes)
+
+
+def _batch_norm_replacement(
+    layer: nn.Module, path: str, to: str, rank: int, options: dict[str, Any], notes: dict[str, list[str]]
+) -> nn.Module:
+    """``layer`` as a batch norm of ``to``'s kind ("manual", "torch", "renorm" or "ghost"), on the same tensors."""
+    frozen = isinstance(layer, _FrozenBatchNorm)
+    args = (layer.num_features, layer.eps) + ((0.1, True, True) if frozen else (
+        layer.momentum, layer.affine, layer.track_running_stats
+    ))  # fmt: skip
+    bias = frozen or layer.bias is not None
+    ours = isinstance(layer, norm._BatchNorm)
+    if to == "torch":
+        if ours and layer.track_running_stats and not layer.unbiased_running_var:
+            notes.setdefault(
+                "kept a biased running variance (unbiased_running_var=False, the notebook's convention), which "
+                "torch.nn's batch norm cannot: statistics and outputs are unchanged, but further training will "
+                "update running_var with the unbiased batch variance.",
+                [],
+            ).append(path)
+        group = getattr(layer, "process_group", None)
+        if group is not None:
+            new = nn.SyncBatchNorm(*args, group, device="meta", bias=bias)
+        else:
+            new = FAMILIES["torch"][rank](*args, device="meta", bias=bias)
+    else:
+        own = {"unbiased_running_var": layer.unbiased_running_var, "fused_relu": layer.fused_relu} if ours else {}
+        if ours and layer.process_group is not None:
+            own["process_group"] = layer.process_group
+        try:
+            new = FAMILIES[to][rank](*args, device="meta", bias=bias, **own, **options)
+        except ValueError as error:
+            raise UsageError(f"convert(to={to!r}): {path}: {error}") from None
+    if frozen:
+        new.weight, new.bias = nn.Parameter(layer.weight), nn.Parameter(layer.bias)
+        new.running_mean, new.running_var = layer.running_mean, layer.running_var
+        new.num_batches_tracked = torch.zeros((), dtype=torch.long, device=layer.running_mean.device)
+    else:
+        for name in _STATE:  # the same tensors: values, device, dtype and requires_grad carry over
+            setattr(new, name, getattr(layer, name))
     return new.train(layer.training)
 
 

@@ -28,7 +28,7 @@ from bnlab.nn import (
     sync,
 )
 
-__all__ = ["StatisticsObserver", "batch_norm", "local_batch_norm"]
+__all__ = ["StatisticsObserver", "batch_norm", "local_batch_norm", "normalize_by_batch"]
 
 StatisticsObserver = Callable[[int, Tensor, Tensor, Tensor, Tensor], None]
 """observer(count, mean, var, running_mean, running_var): takes a training call's batch statistics (``count``
@@ -67,7 +67,7 @@ def batch_norm(
         return local_batch_norm(
             x, running_mean, running_var, weight, bias, training, momentum, eps, unbiased_running_var, relu
         )
-    y, stats, count = sync.sync_batch_norm(x, weight, bias, eps, relu, process_group)
+    y, stats, count = normalize_by_batch(x, weight, bias, eps, relu, process_group)
     if training and running_mean is not None and running_var is not None:
         statistics.running_update(running_mean, running_var, stats, count, momentum, unbiased_running_var)
     return y
@@ -107,6 +107,18 @@ def observed_batch_norm(
     observer: StatisticsObserver,
 ) -> Tensor:
     """x normalized with its batch statistics, which go to ``observer`` instead of into the running ones."""
-    y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, None, None, 0.0, eps, True, relu)
-    observer(statistics.values_per_feature(x), stats[0], stats[1], running_mean, running_var)
+    y, stats, count = normalize_by_batch(x, weight, bias, eps, relu)
+    observer(count, stats[0], stats[1], running_mean, running_var)
     return y
+
+
+def normalize_by_batch(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool, process_group: Any | None = None
+) -> tuple[Tensor, Tensor, int]:
+    """(y, stats, count): x normalized with its batch statistics (over ``process_group``'s processes, given one),
+    those statistics, float64 (3, C), and the values per feature they were taken over. No running statistics
+    change: the caller decides what follows them (the layers of the batch-norm family do)."""
+    if sync.is_distributed(process_group):
+        return sync.sync_batch_norm(x, weight, bias, eps, relu, process_group)
+    y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, None, None, 0.0, eps, True, relu)
+    return y, stats, statistics.values_per_feature(x)

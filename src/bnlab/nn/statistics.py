@@ -107,6 +107,36 @@ def combine_moments(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[T
     return total, mean, m2 / safe
 
 
+def mean_of_moments(counts: Tensor, means: Tensor, variances: Tensor, unbiased: bool) -> tuple[Tensor, Tensor]:
+    """(mean, var) the running statistics of ghost batch norm follow: K virtual batches' (count, mean, biased var),
+    each (K, C) float64, averaged weighted by count; each variance made unbiased (n / (n - 1)) first if asked.
+
+    The mean is the whole batch's; the variance is the average *within* a virtual batch, what the training
+    normalization divided by, not the whole batch's (which adds the spread of the virtual batches' means).
+    """
+    total = counts.sum(0).clamp(min=1)
+    var = variances * (counts / (counts - 1).clamp(min=1)) if unbiased else variances
+    return (counts * means).sum(0) / total, (counts * var).sum(0) / total
+
+
+def renorm_correction(
+    stats: Tensor, mean: Tensor, std: Tensor, rmax: float | Tensor, dmax: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Batch renormalization's (r, d) per feature, float64 (C,) (Ioffe 2017, algorithm 1)::
+
+        r = clip(sigma_B / sigma, 1 / rmax, rmax)      d = clip((mu_B - mu) / sigma, -dmax, dmax)
+
+    for the batch's ``stats`` (sigma_B = sqrt(var_B + eps) = 1 / invstd) and the moving ``mean`` and ``std``.
+    x normalized by the batch, times r plus d, is x normalized by the moving statistics, as far as the clips
+    allow; r and d are constants to the gradient (they come from statistics, not from the graph).
+    """
+    rmax, dmax = (torch.as_tensor(b, dtype=torch.float64, device=stats.device) for b in (rmax, dmax))
+    std = std.double()
+    r = torch.clamp(1.0 / stats[2] / std, 1.0 / rmax, rmax)
+    d = torch.clamp((stats[0] - mean.double()) / std, -dmax, dmax)
+    return r, d
+
+
 def make_stats(mean: Tensor, var: Tensor, eps: float) -> Tensor:
     """float64 (3, C) [mean, biased var, invstd], the operators' saved statistics."""
     return torch.stack([mean, var, torch.rsqrt(var + eps)])
