@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnlab import BNLSTM, recalibrate
+from bnlab import BNLSTM, BatchRenorm1d, GhostBatchNorm1d, recalibrate
 from bnlab.check import RULES, check_model, load_model_spec
 from bnlab.check.docs import with_rules_section
 from bnlab.cli import main
@@ -578,3 +578,47 @@ def test_a_real_ctrl_c_while_importing_the_model_ends_the_command_with_130(facto
     assert main(["check", "bnlab_test_slow_import:build"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command put Python's handler back
+
+
+def test_small_batches_are_found_where_the_statistics_came_from_a_handful_of_samples(model, mnist):
+    """A model said to have trained on batches of 2 gets the warning on every BN layer; at 64, or with renorm
+    layers (a fix), it does not; a ghost layer's virtual batch counts too."""
+    net = model
+    report = check_model(net, mnist.test, train_batch_size=2)
+    assert {(f.code, f.layer) for f in report.findings if f.code == "small-batch"} == {
+        ("small-batch", "1"), ("small-batch", "4"), ("small-batch", "9")
+    }  # fmt: skip
+    assert "statistics of 2 samples (the training batch)" in report.format()
+    assert report.passed  # a warning: such a model may still work
+    assert "small-batch" not in {f.code for f in check_model(net, mnist.test, train_batch_size=64).findings}
+    assert "small-batch" not in {f.code for f in check_model(net, mnist.test).findings}  # batch unknown: not judged
+
+    ghost = nn.Sequential(nn.Linear(784, 16), GhostBatchNorm1d(16, virtual_batch_size=4), nn.Linear(16, 10))
+    renorm = nn.Sequential(nn.Linear(784, 16), BatchRenorm1d(16), nn.Linear(16, 10))
+    images = mnist.test.images[:512].flatten(1)
+    for model in (ghost, renorm):
+        with torch.no_grad():
+            model.train()(images)
+        model.eval()
+    flat = Split(images, mnist.test.labels[:512])
+    assert evidence(check_model(ghost, flat, train_batch_size=64), "small-batch") == (
+        "statistics of 4 samples (the virtual batch)"
+    )
+    assert "small-batch" not in {f.code for f in check_model(renorm, flat, train_batch_size=2).findings}
+
+
+def test_the_command_takes_a_runs_batch_size_and_a_stated_one(seed_run, small_mnist, tmp_path, capsys):
+    tiny = tmp_path / "tiny"
+    config = TrainConfig(
+        bn="manual", batch_size=2, batches=20, eval_every=1000, log_every=1000, one_at_a_time=0, precise_samples=0
+    )
+    train(config, small_mnist, run_dir=tiny, device="cpu", log=lambda _: None, progress=False)
+    main(["check", str(tiny), "--device", "cpu"])
+    assert "WARNING small-batch" in capsys.readouterr().out
+    main(["check", str(seed_run), "--device", "cpu"])
+    assert "small-batch" not in capsys.readouterr().out
+    main(["check", str(seed_run), "--device", "cpu", "--train-batch-size", "4"])
+    assert "WARNING small-batch" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["check", str(seed_run), "--train-batch-size", "0"])
+    assert stop.value.code == 2

@@ -29,11 +29,19 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.check.cost import measures_accuracy, score, stale_finding, statistics_cost
-from bnlab.check.estimates import SETTLED, Estimate, keeps_statistics, recompute, state_findings, statistics_findings
+from bnlab.check.estimates import (
+    SETTLED,
+    Estimate,
+    keeps_statistics,
+    recompute,
+    small_batch_findings,
+    state_findings,
+    statistics_findings,
+)
 from bnlab.check.probes import one_line, scoring_findings
 from bnlab.check.report import Finding, Report, StatisticsCost
 from bnlab.check.rules import RULES, Rule
-from bnlab.check.spec import load_model_spec, require_values
+from bnlab.check.spec import load_model_spec, require_values, training_batch_size
 from bnlab.config import check_int
 from bnlab.data import Split, load_mnist
 from bnlab.errors import BnlabError, UsageError
@@ -49,6 +57,7 @@ __all__ = [
     "batch_norm_layers",
     "check_model",
     "load_model_spec",
+    "training_batch_size",
 ]
 
 SPLIT_SEED = 0  # the check data's one fixed shuffle before it is split into recompute and held-out parts
@@ -68,6 +77,7 @@ def check_model(
     held_out: int = 1024,
     batch_size: int = 64,
     data_dir: str | Path | None = None,
+    train_batch_size: int | None = None,
 ) -> Report:
     """Check how ``model`` uses batch norm, as it is (its mode included), on ``data``.
 
@@ -78,7 +88,9 @@ def check_model(
     ``held_out`` to score; where accuracy cannot be measured (no labels, or outputs that are not class
     scores), the next ``stats_samples`` recompute them again, to measure the noise. With fewer inputs,
     each part gets a third. Inputs go to the model's device and floating
-    dtype. The model is left exactly as it was.
+    dtype. ``train_batch_size``: the samples each batch-norm statistic was taken over in training (the
+    per-process batch, times the processes if batch norm was synchronized), for the small-batch rule; a
+    bnlab checkpoint's config gives it (``spec.training_batch_size``). The model is left exactly as it was.
     """
     started = time.perf_counter()
     for name, value in (
@@ -88,6 +100,8 @@ def check_model(
         ("batch_size", batch_size),
     ):
         check_int(name, value, 2, why="batch statistics need two samples")
+    if train_batch_size is not None:
+        check_int("train_batch_size", train_batch_size, 1, why="the samples each training statistic came from")
     require_values(model)
     if data is None:
         data = load_mnist(data_dir).test
@@ -107,7 +121,7 @@ def check_model(
         samples=min(samples, len(inputs)),
         stats_samples=recompute_count,
         held_out=held_count,
-        findings=state_findings(layers),
+        findings=state_findings(layers) + small_batch_findings(layers, train_batch_size),
     )
     probe = _to_model(inputs[: report.samples], model)
     probe_labels = None if labels is None else labels[: report.samples].to(probe.device)

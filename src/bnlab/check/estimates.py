@@ -17,10 +17,19 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.check.report import Finding
-from bnlab.check.rules import DRIFT_LIMIT, FAST_MOMENTUM, ONE_SAMPLE_GAP, ONE_SAMPLE_SIDE
+from bnlab.check.rules import DRIFT_LIMIT, FAST_MOMENTUM, FEW_SAMPLES, ONE_SAMPLE_GAP, ONE_SAMPLE_SIDE
+from bnlab.nn.ghost import _GhostBatchNorm
 from bnlab.nn.precise import recalibrate
+from bnlab.nn.renorm import _BatchRenorm
 
-__all__ = ["Estimate", "keeps_statistics", "recompute", "state_findings", "statistics_findings"]
+__all__ = [
+    "Estimate",
+    "keeps_statistics",
+    "recompute",
+    "small_batch_findings",
+    "state_findings",
+    "statistics_findings",
+]
 
 # Findings about a layer's statistics that make comparing them with the data pointless.
 SETTLED = ("no-running-stats", "nonfinite-stats", "stats-at-init")
@@ -70,6 +79,25 @@ def state_findings(layers: list[tuple[str, nn.Module]]) -> list[Finding]:
         elif bool((mean == 0).all() and (var == 1).all()):
             rows = f" in each of its {mean.shape[0]} time-step rows" if mean.dim() > 1 else ""
             findings.append(Finding("stats-at-init", name, f"num_batches_tracked = {_batches_tracked(layer)}{rows}"))
+    return findings
+
+
+def small_batch_findings(layers: list[tuple[str, nn.Module]], train_batch_size: int | None) -> list[Finding]:
+    """The layers whose training statistics came from fewer than ``FEW_SAMPLES`` samples: the training batch
+    (when known) or a ghost layer's virtual batch, if smaller; batch renorm layers (a fix) are left out."""
+    findings = []
+    for name, layer in layers:
+        if isinstance(layer, _BatchRenorm):
+            continue
+        sizes = {"training batch": train_batch_size}
+        if isinstance(layer, _GhostBatchNorm):
+            sizes["virtual batch"] = layer.virtual_batch_size
+        known = {what: n for what, n in sizes.items() if n is not None}
+        if not known:
+            continue
+        what, samples = min(known.items(), key=lambda item: item[1])
+        if samples < FEW_SAMPLES:
+            findings.append(Finding("small-batch", name, f"statistics of {samples} samples (the {what})"))
     return findings
 
 

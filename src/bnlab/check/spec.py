@@ -18,9 +18,17 @@ from torch import nn
 from bnlab.check.probes import one_line
 from bnlab.errors import BnlabError, Interrupted, UsageError
 
-__all__ = ["load_model_spec", "require_values"]
+__all__ = ["load_model_spec", "require_values", "training_batch_size"]
 
 _NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+
+
+def training_batch_size(spec: str) -> int | None:
+    """The batch a bnlab checkpoint or run directory trained with (its config's ``batch_size``: the global batch,
+    whose statistics bnlab synchronizes across processes); None for ``module:factory``."""
+    from bnlab.training import load_model
+
+    return load_model(spec).config.batch_size if Path(spec).exists() else None
 
 
 def load_model_spec(spec: str, device: str | torch.device = "cpu") -> nn.Module:

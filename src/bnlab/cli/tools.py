@@ -12,12 +12,13 @@ from bnlab.config import BN_MODES
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bnlab.check import check_model, load_model_spec
+    from bnlab.check import check_model, load_model_spec, training_batch_size
 
     if str(Path.cwd()) not in sys.path:  # as with `python -m`: MODEL's module may sit in the current folder
         sys.path.insert(0, str(Path.cwd()))
     model = load_model_spec(args.model, args.device)
-    report = check_model(model, samples=args.samples, data_dir=args.data_dir)
+    trained_with = args.train_batch_size or training_batch_size(args.model)
+    report = check_model(model, samples=args.samples, data_dir=args.data_dir, train_batch_size=trained_with)
     emit = emitter(args)
     emit(f"bnlab check {args.model} ({type(model).__name__})")
     emit(report.format())
@@ -72,6 +73,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--samples", type=positive_int, default=100,
         help="test images scored alone and in a batch (default: 100)",
+    )  # fmt: skip
+    p.add_argument(
+        "--train-batch-size", type=positive_int, metavar="N",
+        help="the samples each batch-norm statistic came from in training (the per-process batch, times the "
+        "processes if BN was synchronized), for the small-batch rule (default: a bnlab run's own batch size)",
     )  # fmt: skip
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     common(p)
