@@ -2,13 +2,17 @@
 
 The references transcribe each layer's anchor: torchrl's ``BatchRenorm1d`` (its algorithm, with ``smooth=False``),
 Keras 2's ``virtual_batch_size`` (virtual batches normalized alone; running statistics from their average) and
-torchvision's ``FrozenBatchNorm2d`` (its forward and state_dict keys). Neither torchrl nor torchvision can be
-installed beside this project's PyTorch, so their code is not imported.
+torchvision's ``FrozenBatchNorm2d`` (its forward and state_dict keys). Neither library is imported:
+torchvision does not work beside this project's PyTorch, and torchrl brings tensordict and a compiled
+extension of its own. ``test_renorm_matches_torchrls_own_code`` runs torchrl's file itself when it is
+pointed at (docs/family.md has the figures).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 import warnings
 
 import pytest
@@ -449,3 +453,44 @@ def test_the_layers_move_and_cast_like_torch_nn():
             warnings.simplefilter("error")
             y = layer.train()(randn(6, 3))
         assert y.dtype == F64
+
+
+TORCHRL_FILE = os.environ.get("BNLAB_TORCHRL_BATCHRENORM")
+
+
+@pytest.mark.skipif(
+    not TORCHRL_FILE,
+    reason="torchrl is not among the test dependencies (it brings tensordict and a compiled extension built for "
+    "its own PyTorch release); to compare with its code, unpack "
+    "torchrl/modules/models/batchrenorm.py from its wheel (pip download torchrl --no-deps) and point "
+    "BNLAB_TORCHRL_BATCHRENORM at it",
+)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_renorm_matches_torchrls_own_code(dtype, tolerance):
+    """torchrl's BatchRenorm1d file, loaded alone (it needs only torch), against ours: state_dicts load both
+    ways, and outputs, gradients and running statistics agree over a warm-up and after it (to 2 x warm-up:
+    past it torchrl's counter, whose clamp_max is not in place, doubles r - 1 and d)."""
+    spec = importlib.util.spec_from_file_location("torchrl_batchrenorm", TORCHRL_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    theirs = module.BatchRenorm1d(6, momentum=0.01, eps=1e-5, max_r=3.0, max_d=5.0, warmup_steps=20).to(dtype)
+    ours = bnlab.BatchRenorm1d(6, momentum=0.01, eps=1e-5, rmax=3.0, dmax=5.0, warmup_steps=20, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max() / b.abs().max())
+
+    for step in range(39):
+        x = torch.randn(8, 6, dtype=dtype) * (1 + step % 5) + step % 3
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = theirs(xa), ours(xb)
+        dy = torch.randn_like(ya)
+        ya.backward(dy)
+        yb.backward(dy)
+        for a, b in ((ya, yb), (xa.grad, xb.grad), (theirs.running_var, ours.running_var),
+                     (theirs.running_mean, ours.running_mean), (theirs.weight.grad, ours.weight.grad)):  # fmt: skip
+            assert relative(b, a) < tolerance, step
+    x = torch.randn(5, 6, dtype=dtype)
+    assert relative(ours.eval()(x), theirs.eval()(x)) < tolerance
+    theirs.load_state_dict(ours.state_dict())
