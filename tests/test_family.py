@@ -396,9 +396,18 @@ def _family_model(kind: str) -> nn.Module:
     return model
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code forgotten after the test: the layers share the code objects of ``bnlab.BatchNorm*``, and
+    each compile here is a recompile of them, which would leave later tests (tests/test_ops.py) past dynamo's
+    limit of 8 recompiles."""
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("kind", ["renorm", "ghost", "frozen"])
-def test_the_family_exports_compiles_and_traces_like_batch_norm(use_kernels, kind, training):
+def test_the_family_exports_compiles_and_traces_like_batch_norm(use_kernels, kind, training, fresh_dynamo):
     x = randn(8, 1, 8, 8, seed=8).float()
     model = _family_model(kind).train(training)
     reference = copy.deepcopy(model)
