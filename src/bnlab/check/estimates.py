@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from bnlab.check.report import Finding
 from bnlab.check.rules import DRIFT_LIMIT, FAST_MOMENTUM, FEW_SAMPLES, ONE_SAMPLE_GAP, ONE_SAMPLE_SIDE
-from bnlab.nn.ghost import _GhostBatchNorm
+from bnlab.nn.ghost import _GhostBatchNorm, virtual_batches
 from bnlab.nn.precise import recalibrate
 from bnlab.nn.renorm import _BatchRenorm
 
@@ -90,8 +90,10 @@ def small_batch_findings(layers: list[tuple[str, nn.Module]], train_batch_size: 
         if isinstance(layer, _BatchRenorm):
             continue
         sizes = {"training batch": train_batch_size}
-        if isinstance(layer, _GhostBatchNorm):
-            sizes["virtual batch"] = layer.virtual_batch_size
+        if isinstance(layer, _GhostBatchNorm):  # its smallest virtual batch, the last of an uneven batch
+            size = layer.virtual_batch_size
+            full, rest = virtual_batches(train_batch_size or size, size, 1)
+            sizes["virtual batch"] = min([size] * bool(full) + [rest] * bool(rest))
         known = {what: n for what, n in sizes.items() if n is not None}
         if not known:
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from typing import Any
 
 import torch
@@ -34,6 +35,17 @@ def copy_sharing_process_group(module: nn.Module, memo: dict[int, Any]) -> Any:
     memo[id(module)] = copied
     copied.__dict__.update({key: copy.deepcopy(value, memo) for key, value in module.__dict__.items()})
     return copied
+
+
+def whole_number(name: str, value: Any, low: int) -> int:
+    """``value`` as an int (Python's or numpy's) of at least ``low``; else a ValueError naming ``name``."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool) or number < low:
+        raise ValueError(f"{name} must be a whole number, {low} or more; got {value!r}")
+    return number
 
 
 class _NormLayer(nn.Module):

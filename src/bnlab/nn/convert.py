@@ -69,6 +69,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnlab.errors import UsageError
 from bnlab.nn import batchnorm as norm
+from bnlab.nn.batchnorm import whole_number
 from bnlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -120,6 +121,12 @@ def convert(model: nn.Module, to: str, *, process_group: Any | None = None, **op
     if to == "ghost" and "virtual_batch_size" not in options:
         raise UsageError("convert(to='ghost') needs virtual_batch_size=, the samples per virtual batch")
     if to == "sync" or (to == "manual" and process_group is not None):
+        for name, module in model.named_modules():  # before anything changes
+            if isinstance(module, FAMILIES["ghost"]):
+                raise UsageError(
+                    f"convert(to='sync'): {name or 'the model'} is a ghost batch norm, which normalizes each "
+                    "virtual batch by its own statistics and has no synchronized form; convert it to 'manual' first"
+                )
         return _synchronized(_convert(model, "manual", ("torch",), {}), process_group)
     if to in ("torch", "frozen", "group") and isinstance(model, norm._BatchNorm) and model.fused_relu:
         raise UsageError(
@@ -130,11 +137,26 @@ def convert(model: nn.Module, to: str, *, process_group: Any | None = None, **op
 
 
 def _convert(model: nn.Module, to: str, sources: tuple[str, ...], options: dict[str, Any]) -> nn.Module:
-    """The conversion of the layers of the ``sources`` kinds to ``to``'s, then one warning per kind of loss."""
+    """The conversion of the layers of the ``sources`` kinds to ``to``'s, then one warning per kind of loss.
+
+    Every replacement is built, and every refusal raised, before the model changes: a refused conversion
+    leaves it as it was.
+    """
     notes: dict[str, list[str]] = {}
     converted = _replacement(model, "the model", to, sources, options, notes)
     if converted is None:
-        _convert_children(model, "", to, sources, options, {}, notes)
+        plan: list[tuple[nn.Module, str, str, nn.Module, nn.Module]] = []
+        _plan_children(model, "", to, sources, options, {}, notes, plan)
+        fused: dict[nn.Module, tuple[str, list[str]]] = {}
+        for parent, prefix, name, old, new in plan:
+            if new is not old and to not in _FUSES_RELU and getattr(old, "fused_relu", False):
+                _check_relu_parent(parent, prefix + name)
+                fused.setdefault(parent, (prefix, []))[1].append(name)
+        for parent, _, name, old, new in plan:
+            if new is not old:
+                setattr(parent, name, new)
+        for parent, (prefix, names) in fused.items():
+            _add_relus(parent, prefix, names)
         converted = model
     for why, paths in notes.items():
         more = f" and {len(paths) - 1} more layers" if len(paths) > 1 else ""
@@ -151,18 +173,13 @@ def _synchronized(model: nn.Module, process_group: Any | None) -> nn.Module:
                 "convert(to='sync') needs a process group: call torch.distributed.init_process_group first"
             )
         process_group = dist.group.WORLD
-    for name, module in model.named_modules():
-        if isinstance(module, FAMILIES["ghost"]):
-            raise UsageError(
-                f"convert(to='sync'): {name or 'the model'} is a ghost batch norm, which normalizes each virtual "
-                "batch by its own statistics and has no synchronized form; convert it to 'manual' first"
-            )
+    for module in model.modules():
         if isinstance(module, (norm._BatchNorm, SequenceBatchNorm)):
             module.process_group = process_group
     return model
 
 
-def _convert_children(
+def _plan_children(
     module: nn.Module,
     prefix: str,
     to: str,
@@ -170,23 +187,19 @@ def _convert_children(
     options: dict[str, Any],
     done: dict[nn.Module, nn.Module],
     notes: dict[str, list[str]],
+    plan: list[tuple[nn.Module, str, str, nn.Module, nn.Module]],
 ) -> None:
-    """Convert the BN layers below ``module``; ``done`` keeps a layer shared by two parents shared."""
-    fused = []
+    """(parent, its prefix, name, layer, replacement) for every child below ``module``; the model unchanged.
+    ``done`` keeps a layer shared by two parents shared."""
     for name, child in list(module._modules.items()):
         if child is None:
             continue
         if child not in done:
             new = _replacement(child, prefix + name, to, sources, options, notes)
             if new is None:  # not a layer to convert: look inside it
-                _convert_children(child, f"{prefix}{name}.", to, sources, options, done, notes)
+                _plan_children(child, f"{prefix}{name}.", to, sources, options, done, notes, plan)
             done[child] = child if new is None else new
-        if done[child] is not child:
-            setattr(module, name, done[child])
-            if to not in _FUSES_RELU and getattr(child, "fused_relu", False):
-                fused.append(name)
-    if fused:
-        _add_relus(module, prefix, fused)
+        plan.append((module, prefix, name, child, done[child]))
 
 
 def _kind(layer: nn.Module, path: str) -> tuple[str, int] | None:
@@ -211,7 +224,15 @@ def _replacement(
     layer: nn.Module, path: str, to: str, sources: tuple[str, ...], options: dict[str, Any], notes: dict[str, list[str]]
 ) -> nn.Module | None:
     """The converted counterpart of a BN layer of the ``sources`` kinds; None for any other module."""
+    from bnlab.nn.recurrent import SequenceBatchNorm  # recurrent.py builds on this package
+
     found = _kind(layer, path)
+    if found is not None and found[0] == to and options:
+        notes.setdefault(f"is already of that kind: left as it is, without the options {sorted(options)}", []).append(
+            path
+        )
+    if isinstance(layer, SequenceBatchNorm) and to in ("renorm", "ghost", "frozen", "group"):
+        notes.setdefault("is a recurrent SequenceBatchNorm (statistics per time step): left as it is", []).append(path)
     if found is None or found[0] not in sources:
         return None
     rank = found[1]
@@ -236,8 +257,9 @@ def _replacement(
             )
         new: nn.Module = FAMILIES["frozen"][rank](layer.num_features, layer.eps, device="meta")
         ones = torch.ones_like(layer.running_mean)
-        new.weight = ones if layer.weight is None else layer.weight.detach()
-        new.bias = torch.zeros_like(ones) if layer.bias is None else layer.bias.detach()
+        # copies: an optimizer built before the conversion still holds the parameters, and would move them
+        new.weight = ones if layer.weight is None else layer.weight.detach().clone()
+        new.bias = torch.zeros_like(ones) if layer.bias is None else layer.bias.detach().clone()
         new.running_mean, new.running_var = layer.running_mean, layer.running_var
         return new.train(layer.training)
     if to == "group":
@@ -248,7 +270,17 @@ def _replacement(
                 [],
             ).append(path)
         channels = layer.num_features
-        groups = options.get("num_groups") or group_count(channels)
+        if "num_groups" not in options and rank == 0:
+            raise UsageError(
+                f"convert(to='group'): {path} is a 1d batch norm, whose (N, C) input would give GroupNorm "
+                f"{channels} / groups values per sample and group ({group_count(channels)} groups: "
+                f"{channels // group_count(channels)}, so the output would be constant or nearly); pass num_groups "
+                "(1 is layer norm) if that is what you want"
+            )
+        try:
+            groups = whole_number("num_groups", options.get("num_groups", group_count(channels)), 1)
+        except ValueError as error:
+            raise UsageError(f"convert(to='group'): {error}") from None
         if channels % groups:
             raise UsageError(f"convert(to='group'): {path} has {channels} channels, which {groups} groups don't divide")
         affine = frozen or layer.weight is not None
@@ -299,17 +331,25 @@ def _batch_norm_replacement(
     else:
         for name in _STATE:  # the same tensors: values, device, dtype and requires_grad carry over
             setattr(new, name, getattr(layer, name))
+    if getattr(new, "renorm_momentum", None) is not None:  # renorm's own moving statistics start from the layer's
+        new.renorm_mean = new.running_mean.detach().clone()
+        new.renorm_std = torch.sqrt(new.running_var.detach() + new.eps)
     return new.train(layer.training)
 
 
-def _add_relus(parent: nn.Module, prefix: str, after: list[str]) -> None:
-    """Put an nn.ReLU right after each of the ``after`` children of a Sequential; other names stay."""
+def _check_relu_parent(parent: nn.Module, path: str) -> None:
+    """A fused ReLU can be carried out of a layer only into a plain nn.Sequential parent."""
     if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward:
         raise UsageError(
-            f"convert: {prefix}{after[0]} is a bnlab BatchNorm with fused_relu=True inside a "
-            f"{type(parent).__name__}, whose own forward decides what runs after it, so the ReLU that PyTorch's "
-            "layer needs cannot be added; set fused_relu=False on that layer and apply the ReLU in the forward."
+            f"convert: {path} is a bnlab BatchNorm with fused_relu=True inside a {type(parent).__name__}, whose "
+            "own forward decides what runs after it, so the ReLU that the new layer needs cannot be added; set "
+            "fused_relu=False on that layer and apply the ReLU in the forward."
         )
+
+
+def _add_relus(parent: nn.Module, prefix: str, after: list[str]) -> None:
+    """Put an nn.ReLU right after each of the ``after`` children of a Sequential (``_check_relu_parent``'s);
+    other names stay."""
     children = list(parent._modules.items())
     taken = {child_name for child_name, _ in children}
     for child_name, _ in children:

@@ -11,6 +11,8 @@ statistics. ``bnlab.convert(model, to="frozen")`` freezes a model's batch norms 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,7 +35,7 @@ class _FrozenBatchNorm(_NormLayer):
         super().__init__()
         if num_features < 1:
             raise ValueError(f"num_features must be positive, got {num_features}")
-        if not eps > 0:
+        if not (eps > 0 and math.isfinite(eps)):
             raise ValueError(f"eps must be a positive number, got {eps}")
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.eps = num_features, eps

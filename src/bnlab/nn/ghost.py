@@ -1,13 +1,16 @@
 """Ghost batch norm (Hoffer et al. 2017): ``GhostBatchNorm1d/2d/3d``, batch norm over virtual sub-batches.
 
-In training, a batch of N samples is cut into virtual batches of ``virtual_batch_size`` samples, in order,
-and each is normalized by its own statistics: the noise of a small batch, with a large batch's throughput
-(Keras 2's ``virtual_batch_size``). The virtual batches are computed as one call of bnlab's batch-norm
-operator, side by side along the feature axis (``batching.merge_members``, the layout of bnlab's vmap rule).
+In training, a batch of N samples is cut into virtual batches of ``virtual_batch_size`` consecutive samples
+(Hoffer et al.'s chunks), and each is normalized by its own statistics: the noise of a small batch, with a
+large batch's throughput. Keras 2's ``virtual_batch_size`` interleaves instead (its virtual batch j holds
+samples j, j + N/v, ...): the same in distribution for a shuffled batch, not in its numbers. The virtual
+batches are computed as one call of bnlab's batch-norm operator, side by side along the feature axis
+(``batching.merge_members``, the layout of bnlab's vmap rule).
 
-Uneven batches: N = q * v + r. The r samples left over form one more, smaller virtual batch; when they hold a
-single value per feature (r = 1 on an (N, C) input), which no statistics can be taken over, they join the
-virtual batch before them. A batch of v samples or fewer is one virtual batch, which is batch norm itself.
+Uneven batches: N = q * v + r. The r samples left over form one more, smaller virtual batch if they are at
+least half a virtual batch; fewer (or a single value per feature, over which no statistics can be taken) join
+the virtual batch before them: their statistics would be far noisier than the rest's. A batch of v
+samples or fewer is one virtual batch, which is batch norm itself.
 
 Running statistics: one update per training call, by ``momentum`` as in batch norm, towards the virtual
 batches' average statistics (``statistics.mean_of_moments``): the whole batch's mean, and the average
@@ -15,7 +18,8 @@ within-virtual-batch variance (each made unbiased first, with ``unbiased_running
 training normalization divided by. (The whole batch's variance also counts the spread between the virtual
 batches' means: the same in expectation for i.i.d. batches, larger for batches drawn from few classes.)
 ``bnlab.recalibrate`` sets the population's exact mean and variance instead, as for any batch-norm layer.
-Evaluation is batch norm with the running statistics.
+Evaluation is batch norm with the running statistics (without them, ``track_running_stats=False``, with the
+whole batch's statistics, as batch norm).
 """
 
 from __future__ import annotations
@@ -26,17 +30,18 @@ import torch
 from torch import Tensor
 
 from bnlab.nn import batching, functional, statistics
-from bnlab.nn.batchnorm import _BatchNorm
+from bnlab.nn.batchnorm import _BatchNorm, whole_number
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "virtual_batches"]
 
 
 def virtual_batches(samples: int, size: int, values_per_sample: int) -> tuple[int, int]:
     """(the number of full virtual batches, the samples of the last, uneven one: 0 if none) for a batch of
-    ``samples`` cut into virtual batches of ``size``; a remainder of one value per feature joins the batch before it.
+    ``samples`` cut into virtual batches of ``size``. A remainder of under half a virtual batch, or of one value
+    per feature, joins the virtual batch before it: its statistics would be far noisier than the others'.
     """
     full, rest = divmod(samples, size)
-    if rest and rest * values_per_sample < 2 and full:
+    if rest and full and (2 * rest < size or rest * values_per_sample < 2):
         return full - 1, size + rest
     return full, rest
 
@@ -57,8 +62,7 @@ class _GhostBatchNorm(_BatchNorm):
         virtual_batch_size: int,
         **options: Any,
     ) -> None:
-        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 2:
-            raise ValueError(f"virtual_batch_size must be a whole number, 2 or more; got {virtual_batch_size!r}")
+        virtual_batch_size = whole_number("virtual_batch_size", virtual_batch_size, 2)
         if options.get("process_group") is not None:
             raise ValueError(
                 "ghost batch norm normalizes each virtual batch by its own statistics, so it has no synchronized "
@@ -74,8 +78,8 @@ class _GhostBatchNorm(_BatchNorm):
         if not self.training or x.shape[0] <= self.virtual_batch_size:
             return super().forward(x)
         size, features = self.virtual_batch_size, x.shape[1]
-        per_sample = x[0].numel() // features
-        full, rest = virtual_batches(x.shape[0], size, per_sample)
+        per_sample = int(x[0].numel()) // features  # ints, also while tracing (which fixes the batch size)
+        full, rest = virtual_batches(int(x.shape[0]), size, per_sample)
         outputs, stats, counts = [], [], []
         if full:  # the full virtual batches as one call: members' features side by side
             block = x[: full * size].reshape(full, size, *x.shape[1:])
@@ -107,6 +111,13 @@ class _GhostBatchNorm(_BatchNorm):
                     self.running_mean, self.running_var, torch.stack([mean, var]), sum(counts), momentum, False
                 )  # fmt: skip
         return torch.cat(outputs)
+
+    def __prepare_scriptable__(self) -> _GhostBatchNorm:
+        raise RuntimeError(
+            f"torch.jit.script: {self._get_name()} is not scriptable (its virtual batches are cut in Python); use "
+            "torch.jit.trace, torch.export or torch.compile, or script an inference copy converted to batch norm "
+            "(bnlab.convert(copy, 'manual')): in eval mode the two are the same"
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"

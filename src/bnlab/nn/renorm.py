@@ -23,13 +23,14 @@ renorm mean and sigma as they are.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from bnlab.nn import functional, statistics
-from bnlab.nn.batchnorm import _BatchNorm
+from bnlab.nn.batchnorm import _BatchNorm, whole_number
 
 __all__ = ["WARMUPS", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -61,10 +62,9 @@ class _BatchRenorm(_BatchNorm):
                 "batch renorm corrects the batch statistics towards the running ones, so it needs them: "
                 "track_running_stats=False leaves none (use bnlab.BatchNorm* for that)"
             )
-        if not rmax >= 1.0 or not dmax >= 0.0:
-            raise ValueError(f"rmax must be at least 1 and dmax at least 0; got rmax={rmax}, dmax={dmax}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a whole number, 0 or more; got {warmup_steps!r}")
+        if not (1.0 <= rmax < math.inf and 0.0 <= dmax < math.inf):
+            raise ValueError(f"rmax must be at least 1 and dmax at least 0, both finite; got rmax={rmax}, dmax={dmax}")
+        warmup_steps = whole_number("warmup_steps", warmup_steps, 0)
         if warmup not in WARMUPS:
             raise ValueError(f"warmup must be one of {', '.join(WARMUPS)}; got {warmup!r}")
         if renorm_momentum is not None and not 0.0 <= renorm_momentum <= 1.0:
@@ -77,6 +77,12 @@ class _BatchRenorm(_BatchNorm):
             factory = {"device": device, "dtype": dtype}
             self.register_buffer("renorm_mean", torch.zeros(num_features, **factory))
             self.register_buffer("renorm_std", torch.ones(num_features, **factory))
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if self.renorm_momentum is not None:
+            self.renorm_mean.zero_()
+            self.renorm_std.fill_(1.0)
 
     def bounds(self) -> tuple[Tensor, Tensor]:
         """(rmax, dmax) for the next training call, by the warm-up; tensors, so tracing and export follow the
@@ -123,6 +129,13 @@ class _BatchRenorm(_BatchNorm):
             self.renorm_mean.mul_(1 - a).add_(stats[0].to(self.renorm_mean.dtype), alpha=a)
             self.renorm_std.mul_(1 - a).add_((1.0 / stats[2]).to(self.renorm_std.dtype), alpha=a)
         return y
+
+    def __prepare_scriptable__(self) -> _BatchRenorm:
+        raise RuntimeError(
+            f"torch.jit.script: {self._get_name()} is not scriptable (its training path calls the observer and the "
+            "synchronized path, which TorchScript cannot compile); use torch.jit.trace, torch.export or "
+            "torch.compile, or script an inference copy converted to batch norm (bnlab.convert(copy, 'manual'))"
+        )
 
     def extra_repr(self) -> str:
         own = f"rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}, warmup={self.warmup!r}"
