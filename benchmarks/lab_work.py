@@ -1,6 +1,6 @@
 """The work of a benefits lab, by kind of run, from its results.json: before and after, side by side.
 
-    python benchmarks/lab_work.py docs/benefits-full/results.json [runs/full/results.json ...]
+    python benchmarks/lab_work.py docs/benefits-first-full/results.json docs/benefits-full/results.json
 
 For each file: per kind of run (MLP or ConvNet; trained for a number of steps, or for a wall-clock
 budget as the first engine's claim 7 did), the runs, their training steps, the FLOPs of those steps

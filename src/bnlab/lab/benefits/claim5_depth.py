@@ -24,7 +24,7 @@ from bnlab.lab.benefits.verdicts import Comparison
 CLAIM = Claim(5, "Deeper networks", "Deeper networks become practical.")
 WIDTH = 100  # units per hidden layer, as in the paper's MLP
 TRIMMED_RULE = (
-    "The full budget stops at 30 hidden layers: at 50, the first full study (docs/benefits-full) found no usable "
+    "The full budget stops at 30 hidden layers: at 50, the first full study (docs/benefits-first-full) found no usable "
     "run in any seed, arm or recipe, so that depth decided no verdict, and its runs were a sixth of the lab's time."
 )
 
