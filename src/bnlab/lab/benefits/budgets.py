@@ -83,7 +83,7 @@ BUDGETS: dict[str, Budget] = {
     "full": Budget(
         "full",
         seeds=5,
-        runtime="hours on 2 CPU cores (the first engine took 2 h 40 min)",
+        runtime="about 80 min on 2 CPU cores (docs/benefits.md; the first engine took 2 h 40 min)",
         batches=5000,
         eval_every=250,
         speed_batches=(20000, 3000),
