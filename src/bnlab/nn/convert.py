@@ -39,9 +39,10 @@ Where the two differ:
   Any other parent calls its children in its own ``forward``, where a ReLU cannot be added, so the
   conversion stops with an error naming the layer. Converting to "manual" never fuses: ``nn.ReLU``
   modules stay where they are.
-- Frozen. Its weight, bias and running statistics become buffers holding the same tensors (an
-  affine-free layer gets ones and zeros); a layer without running statistics cannot be frozen (an
-  error names it). Converted back, they become parameters again (the same storage) with
+- Frozen. Its weight and bias become buffers holding copies (an optimizer built before the
+  conversion would otherwise still move them; an affine-free layer gets ones and zeros), its running
+  statistics buffers holding the same tensors; a layer without running statistics cannot be frozen
+  (an error names it). Converted back, they become parameters again (the frozen layer's storage) with
   ``num_batches_tracked`` 0 and torch.nn's momentum 0.1; eval outputs are the same both ways.
 - Renorm and ghost keep batch norm's state exactly, so eval outputs do not change; training differs
   by design (renorm with rmax=1, dmax=0 and ghost with a virtual batch of the whole batch are batch
