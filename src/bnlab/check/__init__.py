@@ -41,7 +41,7 @@ from bnlab.check.estimates import (
 from bnlab.check.probes import one_line, scoring_findings
 from bnlab.check.report import Finding, Report, StatisticsCost
 from bnlab.check.rules import RULES, Rule
-from bnlab.check.spec import load_model_spec, require_values, training_batch_size
+from bnlab.check.spec import load_check_target, load_model_spec, require_values
 from bnlab.config import check_int
 from bnlab.data import Split, load_mnist
 from bnlab.errors import BnlabError, UsageError
@@ -56,8 +56,8 @@ __all__ = [
     "StatisticsCost",
     "batch_norm_layers",
     "check_model",
+    "load_check_target",
     "load_model_spec",
-    "training_batch_size",
 ]
 
 SPLIT_SEED = 0  # the check data's one fixed shuffle before it is split into recompute and held-out parts
@@ -90,7 +90,7 @@ def check_model(
     each part gets a third. Inputs go to the model's device and floating
     dtype. ``train_batch_size``: the samples each batch-norm statistic was taken over in training (the
     per-process batch, times the processes if batch norm was synchronized), for the small-batch rule; a
-    bnlab checkpoint's config gives it (``spec.training_batch_size``). The model is left exactly as it was.
+    bnlab checkpoint's config gives it (``spec.load_check_target``). The model is left exactly as it was.
     """
     started = time.perf_counter()
     for name, value in (

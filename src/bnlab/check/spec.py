@@ -18,17 +18,9 @@ from torch import nn
 from bnlab.check.probes import one_line
 from bnlab.errors import BnlabError, Interrupted, UsageError
 
-__all__ = ["load_model_spec", "require_values", "training_batch_size"]
+__all__ = ["load_check_target", "load_model_spec", "require_values"]
 
 _NAME = re.compile(r"^[A-Za-z_][\w.]*$")
-
-
-def training_batch_size(spec: str) -> int | None:
-    """The batch a bnlab checkpoint or run directory trained with (its config's ``batch_size``: the global batch,
-    whose statistics bnlab synchronizes across processes); None for ``module:factory``."""
-    from bnlab.training import load_model
-
-    return load_model(spec).config.batch_size if Path(spec).exists() else None
 
 
 def load_model_spec(spec: str, device: str | torch.device = "cpu") -> nn.Module:
@@ -37,11 +29,19 @@ def load_model_spec(spec: str, device: str | torch.device = "cpu") -> nn.Module:
     A checkpoint gives the seed ConvNet in eval mode; ``module:factory`` imports ``module`` (it must
     be importable) and calls ``factory()`` with no arguments; the model keeps the mode it returns in.
     """
+    return load_check_target(spec, device)[0]
+
+
+def load_check_target(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Module, int | None]:
+    """``load_model_spec``'s model, and the batch it trained with where the spec says: a bnlab checkpoint's
+    config's ``batch_size`` (the global batch, whose statistics bnlab synchronizes across processes); None for
+    ``module:factory``."""
     from bnlab.training import load_model, resolve_device
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     if Path(spec).exists():
-        return load_model(spec, device).model
+        checkpoint = load_model(spec, device)
+        return checkpoint.model, checkpoint.config.batch_size
     module_name, colon, factory_name = spec.partition(":")
     if not colon:
         raise UsageError(
@@ -86,7 +86,7 @@ def load_model_spec(spec: str, device: str | torch.device = "cpu") -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UsageError(f"{spec}() returned a value of type {type(model).__name__}, not a torch.nn.Module")
     require_values(model, f"{spec}()'s model")
-    return model.to(device)
+    return model.to(device), None
 
 
 def require_values(model: nn.Module, what: str = "the model") -> None:

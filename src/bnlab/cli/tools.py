@@ -12,12 +12,12 @@ from bnlab.config import BN_MODES
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bnlab.check import check_model, load_model_spec, training_batch_size
+    from bnlab.check import check_model, load_check_target
 
     if str(Path.cwd()) not in sys.path:  # as with `python -m`: MODEL's module may sit in the current folder
         sys.path.insert(0, str(Path.cwd()))
-    model = load_model_spec(args.model, args.device)
-    trained_with = args.train_batch_size or training_batch_size(args.model)
+    model, batch_size = load_check_target(args.model, args.device)
+    trained_with = args.train_batch_size or batch_size
     report = check_model(model, samples=args.samples, data_dir=args.data_dir, train_batch_size=trained_with)
     emit = emitter(args)
     emit(f"bnlab check {args.model} ({type(model).__name__})")
