@@ -91,9 +91,8 @@ def small_batch_findings(layers: list[tuple[str, nn.Module]], train_batch_size: 
             continue
         sizes = {"training batch": train_batch_size}
         if isinstance(layer, _GhostBatchNorm):  # its smallest virtual batch, the last of an uneven batch
-            size = layer.virtual_batch_size
-            full, rest = virtual_batches(train_batch_size or size, size, 1)
-            sizes["virtual batch"] = min([size] * bool(full) + [rest] * bool(rest))
+            full, rest = virtual_batches(train_batch_size or layer.virtual_batch_size, layer.virtual_batch_size, 1)
+            sizes["virtual batch"] = min([layer.virtual_batch_size] * full + [rest] * bool(rest))
         known = {what: n for what, n in sizes.items() if n is not None}
         if not known:
             continue

@@ -205,7 +205,7 @@ def _plan_children(
 
 def _kind(layer: nn.Module, path: str) -> tuple[str, int] | None:
     """(the family kind, the rank index) of a batch-norm layer; None for any other module."""
-    if isinstance(layer, _TorchBatchNorm) and isinstance(layer, nn.SyncBatchNorm):
+    if isinstance(layer, nn.SyncBatchNorm):
         return "torch", -1  # any rank: refused where a rank is needed
     for kind, classes in FAMILIES.items():
         for rank, cls in enumerate(classes):
@@ -286,10 +286,9 @@ def _replacement(
             raise UsageError(f"convert(to='group'): {path} has {channels} channels, which {groups} groups don't divide")
         affine = frozen or layer.weight is not None
         new = nn.GroupNorm(groups, channels, layer.eps, affine, device="meta")
-        if affine:
-            new.weight = nn.Parameter(layer.weight) if frozen else layer.weight
+        if affine:  # the same tensors, as parameters (a frozen layer's are buffers)
             bias = layer.bias if layer.bias is not None else torch.zeros_like(layer.weight)
-            new.bias = nn.Parameter(bias) if not isinstance(bias, nn.Parameter) else bias
+            new.weight, new.bias = (t if isinstance(t, nn.Parameter) else nn.Parameter(t) for t in (layer.weight, bias))
         return new.train(layer.training)
     return _batch_norm_replacement(layer, path, to, rank, options, notes)
 

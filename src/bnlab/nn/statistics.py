@@ -114,9 +114,9 @@ def mean_of_moments(counts: Tensor, means: Tensor, variances: Tensor, unbiased: 
     The mean is the whole batch's; the variance is the average *within* a virtual batch, what the training
     normalization divided by, not the whole batch's (which adds the spread of the virtual batches' means).
     """
-    total = counts.sum(0).clamp(min=1)
+    total, mean, _ = combine_moments(counts, means, variances)
     var = variances * (counts / (counts - 1).clamp(min=1)) if unbiased else variances
-    return (counts * means).sum(0) / total, (counts * var).sum(0) / total
+    return mean, (counts * var).sum(0) / total.clamp(min=1)
 
 
 def renorm_correction(
