@@ -19,8 +19,16 @@ cadence when ``one_at_a_time`` or ``precise_samples`` asks for them): validation
 the first ``one_at_a_time`` test images classified alone, and the same with precise statistics from
 ``precise_samples`` training images (``bnlab.nn.precise``).
 
+The normalization (``bn``): none; batch norm as ``torch.nn``'s or bnlab's (``BN_MODES``); or one of
+its small-batch family, bnlab's layers (``bnlab.nn``; docs/family.md): "renorm" (Batch Renormalization,
+warm-up over ``renorm_warmup`` steps), "ghost" (statistics over virtual batches of ``virtual_batch``)
+or "group" (GroupNorm, ``group_channels`` channels per group). ``classes_per_batch`` draws each
+training batch from that many classes (non-i.i.d. batches, ``data.ClassBatches``).
+
 A config is frozen, hashable and serialises to JSON with ``to_dict``; ``from_dict`` validates a
-stored one (unknown or missing keys, out-of-range values) before anything is built from it.
+stored one (unknown or missing keys, out-of-range values) before anything is built from it. Settings
+added after run stores existed (``LATER_FIELDS``) are left out of ``to_dict`` at their defaults, and
+filled in by ``from_dict`` where missing: a stored run keeps its key, and so its run directory.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from bnlab.errors import UsageError
 
 MODELS = ("convnet", "mlp", "lstm")
 BN_MODES = ("none", "torch", "manual")
+NORMS = (*BN_MODES, "renorm", "ghost", "group")  # what ``bn`` may name (the module docstring)
+BATCH_NORMS = ("torch", "manual", "renorm", "ghost")  # the norms with batch statistics (running and precise)
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 LOSSES = ("sigmoid", "softmax")
 CADENCES = ("notebook", "interval")
@@ -107,13 +117,19 @@ class TrainConfig:
     precise_samples: int = 8192  # final scores: training images for precise statistics (0: none)
     checkpoint_every: int = 0  # a resumable checkpoint every N batches (0: only at the end)
     snapshots: tuple[int, ...] = ()  # keep the model after these batches as checkpoint-N.pt
+    # added with the small-batch family (LATER_FIELDS): at their defaults they change no stored run's key
+    width: int = 4  # convnet: conv layer d has width * d channels (the notebook's 4)
+    virtual_batch: int | None = None  # bn="ghost": samples per virtual batch
+    renorm_warmup: int | None = None  # bn="renorm": steps over which rmax, dmax grow to 3, 5 (None: the layer's)
+    group_channels: int = 4  # bn="group": channels per group (GroupNorm's groups: channels // this)
+    classes_per_batch: int | None = None  # each training batch from this many classes (None: i.i.d. batches)
 
     def __post_init__(self) -> None:
         # JSON gives lists; the config must stay hashable
         object.__setattr__(self, "hidden", tuple(self.hidden))
         object.__setattr__(self, "snapshots", tuple(self.snapshots))
         check_choice("model", self.model, MODELS)
-        check_choice("bn", self.bn, BN_MODES)
+        check_choice("bn", self.bn, NORMS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("task", self.task, TASKS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -142,8 +158,11 @@ class TrainConfig:
         if self.clip is not None:
             _check_number("clip", self.clip, 0.0, 1e9, open_low=True)
         check_int("batch_size", self.batch_size, 1, 1_000_000)
-        if self.bn != "none" and self.batch_size < 2:
+        if self.bn in BATCH_NORMS and self.batch_size < 2:
             raise UsageError("batch_size must be at least 2 with batch norm (statistics of one sample are undefined)")
+        if self.model == "lstm" and self.bn not in BN_MODES:
+            raise UsageError(f"the lstm model takes bn none, torch or manual; got {self.bn!r}")
+        self._check_norm_options()
         check_int("batches", self.batches, 1, MAX_BATCHES)
         if self.seconds is not None:
             _check_number("seconds", self.seconds, 0.0, 1e7, open_low=True)
@@ -161,8 +180,31 @@ class TrainConfig:
         for batch in self.snapshots:
             check_int("snapshot batch", batch, 1, self.batches)
 
+    def _check_norm_options(self) -> None:
+        """Each family option only with its norm, so that one run has one config (and one key)."""
+        check_int("width", self.width, 1, 1000)
+        if self.width != 4 and self.model != "convnet":
+            raise UsageError("width is the convnet's; the mlp's layer sizes are its hidden sizes")
+        if (self.bn == "ghost") != (self.virtual_batch is not None):
+            raise UsageError("virtual_batch goes with bn='ghost', which needs it (samples per virtual batch)")
+        if self.virtual_batch is not None:
+            check_int("virtual_batch", self.virtual_batch, 2, self.batch_size, why="at least 2, at most the batch")
+        if self.renorm_warmup is not None:
+            if self.bn != "renorm":
+                raise UsageError("renorm_warmup goes with bn='renorm'")
+            check_int("renorm_warmup", self.renorm_warmup, 0, MAX_BATCHES)
+        check_int("group_channels", self.group_channels, 1, 100_000)
+        if self.group_channels != 4 and self.bn != "group":
+            raise UsageError("group_channels goes with bn='group'")
+        if self.classes_per_batch is not None:
+            check_int("classes_per_batch", self.classes_per_batch, 1, 10, why="MNIST has 10 classes")
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {
+            f.name: _plain(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in LATER_FIELDS or getattr(self, f.name) != f.default
+        }
 
     @classmethod
     def from_dict(cls, stored: Mapping[str, Any], where: str = "config") -> TrainConfig:
@@ -170,7 +212,7 @@ class TrainConfig:
         if not isinstance(stored, Mapping):
             raise UsageError(f"{where} must be a mapping of settings; got {type(stored).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(stored) - names), sorted(names - set(stored))
+        unknown, missing = sorted(set(stored) - names), sorted(names - set(stored) - set(LATER_FIELDS))
         if unknown or missing:
             parts = [f"unknown keys {unknown}" if unknown else "", f"missing keys {missing}" if missing else ""]
             raise UsageError(f"{where} does not match this bnlab's TrainConfig: {'; '.join(p for p in parts if p)}")
@@ -185,6 +227,9 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+LATER_FIELDS = ("width", "virtual_batch", "renorm_warmup", "group_channels", "classes_per_batch")
 
 
 def _plain(value: Any) -> Any:

@@ -336,3 +336,70 @@ class Batches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
         self._order = order.to(self.split.labels.device)
         self._position = int(state["position"])
         self.epochs_completed = int(state["epochs_completed"])
+
+
+class ClassBatches(Batches):
+    """Non-i.i.d. mini-batches: each from ``classes`` classes drawn at random, as Ioffe (2017) trained Batch
+    Renormalization on batches of few classes.
+
+    For each batch, ``classes`` distinct labels are drawn uniformly, and the batch takes ``batch_size`` samples
+    split among them as evenly as they go (the first labels drawn get one more when it does not divide), the
+    next ones of each label's own shuffled stream (reshuffled when it runs out, as ``Batches`` does per epoch),
+    in a random order.
+    Every sample of a label is seen once per pass over that label. Seeded by ``seed`` alone, and resumable
+    (``state_dict``) as ``Batches`` is.
+    """
+
+    def __init__(self, split: Split, batch_size: int, seed: int, classes: int) -> None:
+        # Batches' protocol (next_indices, state_dict), over per-label streams instead of one epoch order
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        labels = split.labels.cpu()
+        present = torch.unique(labels).tolist()
+        if not 1 <= classes <= len(present):
+            raise ValueError(f"classes must be in [1, {len(present)}] (the labels present); got {classes}")
+        self.split, self.batch_size, self.classes = split, batch_size, classes
+        self.generator = torch.Generator().manual_seed(seed)
+        self._members = [torch.nonzero(labels == c).flatten() for c in present]
+        self._orders = [self._shuffled(label) for label in range(len(present))]
+        self._positions = [0] * len(present)
+
+    def _shuffled(self, label: int) -> torch.Tensor:
+        members = self._members[label]
+        return members[torch.randperm(len(members), generator=self.generator)]
+
+    def _take(self, label: int, count: int) -> torch.Tensor:
+        parts = []
+        while count > 0:
+            order, start = self._orders[label], self._positions[label]
+            if start == len(order):  # this label's pass is over: a new order of it
+                self._orders[label] = order = self._shuffled(label)
+                self._positions[label] = start = 0
+            take = min(count, len(order) - start)
+            parts.append(order[start : start + take])
+            self._positions[label] += take
+            count -= take
+        return torch.cat(parts)
+
+    def next_indices(self) -> torch.Tensor:
+        labels = torch.randperm(len(self._members), generator=self.generator)[: self.classes].tolist()
+        share, extra = divmod(self.batch_size, self.classes)
+        indices = torch.cat([self._take(label, share + (i < extra)) for i, label in enumerate(labels)])
+        # in a random order, as a loader gives them: grouped by label, any split of the batch (ghost BN's
+        # virtual batches, data-parallel shards) would hold one class
+        return indices[torch.randperm(len(indices), generator=self.generator)].to(self.split.labels.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "orders": [order.clone() for order in self._orders],
+            "positions": list(self._positions),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        orders = state.get("orders")
+        if orders is None or [len(o) for o in orders] != [len(m) for m in self._members]:
+            raise ValueError("this batch order is not one of class batches over this split's labels")
+        self.generator.set_state(state["generator"])
+        self._orders = [order.clone() for order in orders]
+        self._positions = [int(p) for p in state["positions"]]

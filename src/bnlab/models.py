@@ -13,7 +13,9 @@ conv -> BN -> ReLU. The logits get no BN.
              (the notebook's ``tf.layers.batch_normalization`` network);
     "manual" bnlab's own ``BatchNorm1d/2d`` with the notebook's conventions (as ``tf_style``): momentum 0.01
              (decay 0.99), eps 1e-3, biased population variance
-             (the notebook's ``tf.nn.moments`` + ``tf.nn.batch_normalization`` network).
+             (the notebook's ``tf.nn.moments`` + ``tf.nn.batch_normalization`` network);
+    "renorm", "ghost", "group"  the small-batch family (``make_norm``; docs/family.md) in the same places,
+             with the same conventions: bnlab's ``BatchRenorm*`` and ``GhostBatchNorm*``, ``nn.GroupNorm``.
 
 Initialisation follows the notebook. ``tf.layers`` uses Glorot-uniform kernels and zero biases (BN:
 gamma 1, beta 0). The low-level network draws conv kernels from a normal with std 0.05 truncated at
@@ -34,8 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab import nn as bnn
-from bnlab.config import BN_MODES, CONV_INITS, FC_INITS, MAX_PARAMETERS, TrainConfig, check_choice
+from bnlab.config import CONV_INITS, FC_INITS, MAX_PARAMETERS, NORMS, TrainConfig, check_choice
 from bnlab.errors import UsageError
+from bnlab.nn.convert import group_count
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {  # by the names TrainConfig accepts
     "relu": nn.ReLU,
@@ -54,16 +57,48 @@ TF_EPS = 1e-3
 
 
 def make_norm(
-    bn: str, num_features: int, dims: int, momentum: float = TF_MOMENTUM, fused_relu: bool = False
+    bn: str,
+    num_features: int,
+    dims: int,
+    momentum: float = TF_MOMENTUM,
+    fused_relu: bool = False,
+    *,
+    virtual_batch: int | None = None,
+    renorm_warmup: int | None = None,
+    group_channels: int = 4,
 ) -> nn.Module:
-    """A BN layer for ``dims``-D input ((N, C) is 2) in the given mode, TensorFlow's eps; bnlab's can fuse a ReLU
-    and keeps the biased running variance, as the notebook's ``tf.nn.moments``."""
-    check_choice("bn", bn, BN_MODES[1:])
+    """The normalization layer ``bn`` names (``config.NORMS``, not "none") for ``dims``-D input ((N, C) is 2), with
+    TensorFlow's eps. bnlab's layers (manual, renorm, ghost) can fuse a ReLU and keep the biased running variance,
+    as the notebook's ``tf.nn.moments``.
+
+    renorm: ``BatchRenorm*`` with the paper's bounds (rmax 3, dmax 5), opened in a straight line over
+    ``renorm_warmup`` steps (None: the layer's default). ghost: ``GhostBatchNorm*`` with ``virtual_batch`` samples
+    per virtual batch. group: ``nn.GroupNorm`` with ``group_channels`` channels per group (``group_count`` of at
+    most channels // group_channels groups): these networks have 4-100 channels a layer, where Wu & He's 32
+    groups (set for ResNets' 64-2048) would leave one channel per group, which is instance norm.
+    """
+    check_choice("bn", bn, NORMS[1:])
     if bn == "torch":
         layer = nn.BatchNorm1d if dims == 2 else nn.BatchNorm2d
         return layer(num_features, eps=TF_EPS, momentum=momentum)
+    if bn == "group":
+        return nn.GroupNorm(group_count(num_features, max(1, num_features // group_channels)), num_features, TF_EPS)
+    options: dict[str, Any] = {"eps": TF_EPS, "momentum": momentum, "unbiased_running_var": False}
+    options["fused_relu"] = fused_relu
+    if bn == "renorm":
+        layer = bnn.BatchRenorm1d if dims == 2 else bnn.BatchRenorm2d
+        warmup = {} if renorm_warmup is None else {"warmup_steps": renorm_warmup}
+        return layer(num_features, warmup="linear", **warmup, **options)
+    if bn == "ghost":
+        if virtual_batch is None:
+            raise UsageError("ghost batch norm needs virtual_batch, the samples per virtual batch")
+        layer = bnn.GhostBatchNorm1d if dims == 2 else bnn.GhostBatchNorm2d
+        return layer(num_features, virtual_batch_size=virtual_batch, **options)
     layer = bnn.BatchNorm1d if dims == 2 else bnn.BatchNorm2d
-    return layer(num_features, eps=TF_EPS, momentum=momentum, unbiased_running_var=False, fused_relu=fused_relu)
+    return layer(num_features, **options)
+
+
+FUSES_RELU = ("manual", "renorm", "ghost")  # bnlab's layers, which apply a following ReLU in their own pass
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -103,10 +138,11 @@ class SeedConvNet(nn.Module):
         image_size: int = 28,
         in_channels: int = 1,
         bn_momentum: float = TF_MOMENTUM,
+        norm_options: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        check_choice("bn", bn, BN_MODES)
+        check_choice("bn", bn, NORMS)
         check_choice("activation", activation, list(ACTIVATIONS))
         check_choice("init", init, CONV_INITS)
         if depth < 1 or width < 1 or hidden < 1:
@@ -122,13 +158,15 @@ class SeedConvNet(nn.Module):
             image_size=image_size,
             in_channels=in_channels,
             bn_momentum=bn_momentum,
+            norm_options=dict(norm_options or {}),
         )
         use_bn = bn != "none"
-        fuse = bn == "manual" and activation == "relu"  # bnlab's BN applies the ReLU in its own pass
+        fuse = bn in FUSES_RELU and activation == "relu"  # bnlab's BN applies the ReLU in its own pass
 
         def norm_act(block: nn.Sequential, features: int, dims: int) -> None:
             if use_bn:
-                block.add_module("norm", make_norm(bn, features, dims, momentum=bn_momentum, fused_relu=fuse))
+                norm = make_norm(bn, features, dims, momentum=bn_momentum, fused_relu=fuse, **(norm_options or {}))
+                block.add_module("norm", norm)
             if not fuse:
                 block.add_module("act", ACTIVATIONS[activation]())
 
@@ -265,10 +303,11 @@ class FCNet(nn.Module):
         in_features: int = 784,
         num_classes: int = 10,
         bn_momentum: float = TF_MOMENTUM,
+        norm_options: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        check_choice("bn", bn, BN_MODES)
+        check_choice("bn", bn, NORMS)
         check_choice("activation", activation, list(ACTIVATIONS))
         if isinstance(init, str):
             check_choice("init", init, FC_INITS)
@@ -287,15 +326,17 @@ class FCNet(nn.Module):
             in_features=in_features,
             num_classes=num_classes,
             bn_momentum=bn_momentum,
+            norm_options=dict(norm_options or {}),
         )
         use_bn = bn != "none"
-        fuse = bn == "manual" and activation == "relu"
+        fuse = bn in FUSES_RELU and activation == "relu"
         blocks, features = [], in_features
         for size in hidden:
             block = nn.Sequential()
             block.add_module("linear", nn.Linear(features, size, bias=not use_bn))
             if use_bn:
-                block.add_module("norm", make_norm(bn, size, dims=2, momentum=bn_momentum, fused_relu=fuse))
+                norm = make_norm(bn, size, dims=2, momentum=bn_momentum, fused_relu=fuse, **(norm_options or {}))
+                block.add_module("norm", norm)
             if not fuse:
                 block.add_module("act", ACTIVATIONS[activation]())
             if dropout:
@@ -331,8 +372,8 @@ def parameter_count(config: TrainConfig) -> int:
     if c.model == "convnet":
         total, channels, size = 0, 1, 28
         for d in range(1, c.depth + 1):
-            total += 9 * channels * 4 * d + 3 * 4 * d  # kernel, then bias or BN (weight, bias, mean, var)
-            channels, size = 4 * d, math.ceil(size / (2 if d % 3 == 0 else 1))
+            total += 9 * channels * c.width * d + 3 * c.width * d  # kernel, then bias or BN (weight, bias, mean, var)
+            channels, size = c.width * d, math.ceil(size / (2 if d % 3 == 0 else 1))
         return total + (channels * size * size + 4) * c.hidden[0] + (c.hidden[0] + 1) * 10
     if c.model == "mlp":
         sizes = [784, *c.hidden, 10]
@@ -340,6 +381,17 @@ def parameter_count(config: TrainConfig) -> int:
     from bnlab.lstm import parameter_count as lstm_parameters
 
     return lstm_parameters(c)
+
+
+def norm_options(config: TrainConfig) -> dict[str, Any]:
+    """``make_norm``'s options for ``config``'s norm: only those it takes."""
+    if config.bn == "ghost":
+        return {"virtual_batch": config.virtual_batch}
+    if config.bn == "renorm" and config.renorm_warmup is not None:
+        return {"renorm_warmup": config.renorm_warmup}
+    if config.bn == "group":
+        return {"group_channels": config.group_channels}
+    return {}
 
 
 def build_network(config: TrainConfig) -> nn.Module:
@@ -357,15 +409,16 @@ def build_network(config: TrainConfig) -> nn.Module:
         )
     generator = torch.Generator().manual_seed(config.seed)
     momentum = TF_MOMENTUM if config.bn_momentum is None else config.bn_momentum
+    options = norm_options(config)
     if config.model == "convnet":
         return SeedConvNet(
-            config.bn, depth=config.depth, hidden=config.hidden[0], activation=config.activation, init=config.init,
-            bn_momentum=momentum, generator=generator,
+            config.bn, depth=config.depth, width=config.width, hidden=config.hidden[0], activation=config.activation,
+            init=config.init, bn_momentum=momentum, norm_options=options, generator=generator,
         )  # fmt: skip
     if config.model == "mlp":
         return FCNet(
             config.bn, hidden=config.hidden, activation=config.activation, init=config.init,
-            dropout=config.dropout, bn_momentum=momentum, generator=generator,
+            dropout=config.dropout, bn_momentum=momentum, norm_options=options, generator=generator,
         )  # fmt: skip
     from bnlab.lstm import SequenceClassifier
 

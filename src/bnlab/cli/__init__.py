@@ -6,7 +6,7 @@ an unreadable checkpoint, an OS error naming its path, a ``bnlab check`` finding
 stderr; ``BNLAB_DEBUG=1`` adds the traceback. Results go to stdout (``--json`` for machines).
 
     run.py    train, evaluate, recalibrate, summary: one network
-    lab.py    reproduce, benefits, precise, rnn: experiments
+    lab.py    reproduce, benefits, family, precise, rnn: experiments
     tools.py  check, bench
 """
 

@@ -1,4 +1,5 @@
-"""``bnlab reproduce``, ``benefits``, ``rnn`` and ``precise``: the experiments, each writing a report folder."""
+"""``bnlab reproduce``, ``benefits``, ``family``, ``rnn`` and ``precise``: the experiments, each writing a report
+folder."""
 
 from __future__ import annotations
 
@@ -74,6 +75,30 @@ def cmd_benefits(args: argparse.Namespace) -> int:
     if args.json:
         claims = [{k: c.to_dict()[k] for k in ("claim", "title", "verdict", "headline")} for c in outcome.claims]
         print(json.dumps({"out_dir": str(outcome.out_dir), "budget": args.budget, "claims": claims}, indent=2))
+    return 0
+
+
+def cmd_family(args: argparse.Namespace) -> int:
+    from bnlab.lab.family import run_family
+
+    emit = emitter(args)
+    outcome = run_family(
+        args.budget,
+        args.seeds,
+        out_dir=writable_folder(args.out),
+        data_dir=args.data_dir,
+        device=args.device,
+        workers=args.workers,
+        **store_arguments(args),
+        log=emit,
+    )
+    emit("")
+    for finding in outcome.findings():
+        emit(f"- {finding}")
+    emit(f"\nWritten to {outcome.out_dir}: report.md, results.json, results.csv, family.png")
+    if args.json:
+        result = outcome.to_dict()
+        print(json.dumps({"out_dir": str(outcome.out_dir)} | {k: result[k] for k in ("budget", "table", "findings")}))
     return 0
 
 
@@ -184,6 +209,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     store_options(p)
     common(p)
     p.set_defaults(func=cmd_benefits)
+
+    from bnlab.lab.family import BUDGETS as FAMILY_BUDGETS
+
+    p = sub.add_parser(
+        "family",
+        help="which normalization at which batch size: BN, renorm, ghost, GroupNorm, synced BN, none",
+        description="Train batch norm's small-batch family side by side (paired runs, batch sizes 2-128 and "
+        "non-i.i.d. batches, several seeds) and write report.md (a verdict table under a rule fixed before the "
+        "runs), results.json, results.csv and family.png (test error against batch size, as Wu & He's Figure 1). "
+        "Finished runs are reused (--fresh retrains them).",
+    )
+    p.add_argument(
+        "--budget", choices=list(FAMILY_BUDGETS), default="quick",
+        help="; ".join(f"{name}: {b.runtime}" for name, b in FAMILY_BUDGETS.items()) + " (default: quick)",
+    )  # fmt: skip
+    p.add_argument("--seeds", type=seeds_count, help="seeds 0..N-1 (default: the budget's, 1/2/3)")
+    p.add_argument("--out", metavar="DIR", default="runs/family", help="output folder (default: runs/family)")
+    p.add_argument(
+        "--workers", type=number(int, 1, 256), metavar="N",
+        help="train in N processes side by side, one thread each (default: one per usable CPU core)",
+    )  # fmt: skip
+    store_options(p)
+    common(p)
+    p.set_defaults(func=cmd_family)
 
     p = sub.add_parser(
         "rnn",

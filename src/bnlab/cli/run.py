@@ -19,10 +19,13 @@ from bnlab.cli.args import (
     seed_int,
     writable_file,
 )
-from bnlab.config import ACTIVATIONS, BN_MODES, LOSSES, TrainConfig
+from bnlab.config import ACTIVATIONS, BN_MODES, LOSSES, NORMS, TrainConfig
 from bnlab.errors import BnlabError, UsageError
 
-BN_HELP = "none; torch = nn.BatchNorm; manual = bnlab's own BN (default: manual)"
+BN_HELP = (
+    "none; torch = nn.BatchNorm; manual = bnlab's own BN (default); renorm, ghost (needs --virtual-batch), group: "
+    "the small-batch family (docs/family.md)"
+)
 number_at_least_2 = number(int, 2, 10**8)
 
 
@@ -51,7 +54,8 @@ def _train_command(args: argparse.Namespace) -> int:
         emit(f"Resuming {out} (bn={config.bn}, seed {config.seed}, {config.batches} batches)")
     else:
         config = TrainConfig(
-            bn=args.bn, batches=args.batches, batch_size=args.batch_size, lr=args.lr, loss=args.loss, seed=args.seed,
+            bn=args.bn, virtual_batch=args.virtual_batch, batches=args.batches, batch_size=args.batch_size,
+            lr=args.lr, loss=args.loss, seed=args.seed,
             checkpoint_every=args.checkpoint_every, precise_samples=args.precise_samples,
         )  # fmt: skip
         out = Path(args.out) if args.out else store.default_run_dir("runs/train", config)
@@ -226,7 +230,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Train the 20-layer ConvNet on MNIST with the notebook's procedure; writes a run directory. "
         "At the end it scores the network with its running (EMA) statistics and with precise ones.",
     )
-    p.add_argument("--bn", choices=BN_MODES, default="manual", help=BN_HELP)
+    p.add_argument("--bn", choices=NORMS, default="manual", help=BN_HELP)
+    p.add_argument("--virtual-batch", type=number_at_least_2, metavar="N", help="--bn ghost: samples per virtual batch")
     p.add_argument("--batches", type=batches_int, default=800, help="training batches (default: 800)")
     p.add_argument("--batch-size", type=batch_size_int, default=64, help="examples per batch (default: 64)")
     p.add_argument("--lr", type=positive_float, default=0.002, help="Adam learning rate (default: 0.002)")
@@ -295,7 +300,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="print the seed ConvNet's layers, shapes and parameter counts",
         description="Print a summary of the seed ConvNet.",
     )
-    p.add_argument("--bn", choices=BN_MODES, default="manual", help=BN_HELP)
+    p.add_argument("--bn", choices=BN_MODES, default="manual", help="none, torch or manual (default: manual)")
     p.add_argument("--depth", type=number(int, 1, 200), default=19, help="conv layers, 1..200 (default: 19)")
     p.add_argument("--activation", choices=ACTIVATIONS, default="relu", help="activation function (default: relu)")
     common(p, data=False)

@@ -23,7 +23,7 @@ import torch
 
 from bnlab import kernels
 from bnlab.config import TrainConfig
-from bnlab.data import MNIST, Batches, Split, load_mnist
+from bnlab.data import MNIST, Batches, ClassBatches, Split, load_mnist
 from bnlab.errors import TrainingDiverged, UsageError
 from bnlab.models import build_network
 from bnlab.training import store
@@ -318,7 +318,11 @@ def prepare(
     if world is not None:
         model = synchronize(model, world, device)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.momentum, fused)
-    batches = Batches(training_split(config, data), config.batch_size, seed=config.seed)
+    split = training_split(config, data)
+    if config.classes_per_batch is None:
+        batches = Batches(split, config.batch_size, seed=config.seed)
+    else:
+        batches = ClassBatches(split, config.batch_size, config.seed, classes=config.classes_per_batch)
     return LoopState(model, optimizer), batches if world is None else ShardedBatches(batches, world)
 
 

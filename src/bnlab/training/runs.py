@@ -2,12 +2,13 @@
 
     result, how = obtain(config, root, data=data, device=device)            # how: reused | resumed | trained
 
-A *store* is a folder of run directories, one per config and device type, named by ``run_dir``:
-``{model}-{bn}-seed{S}-{config key}-{device}``, e.g. ``mlp-manual-seed0-1f667e248789-cpu``. The key hashes
-the whole config, so another budget, learning rate or cadence is another run; the device type is in the
-name because a run's numbers are those of the device it trained on. Every lab command (reproduce,
-precise, rnn, benefits) keeps its runs here, so the same config, given the same store, is the same run
-whichever command asks for it.
+A *store* is a folder of run directories, one per config, device type and process count, named by
+``run_dir``: ``{model}-{bn}-seed{S}-{config key}-{device}``, e.g. ``mlp-manual-seed0-1f667e248789-cpu``, and
+``...-cpu-2proc`` for a data-parallel run of 2 processes (``obtain(nproc=2)``). The key hashes the whole
+config, so another budget, learning rate or cadence is another run; the device type and the processes are
+in the name because a run's numbers are those of the device and the reduction order it trained with.
+Every lab command (reproduce, precise, rnn, benefits, family) keeps its runs here, so the same config,
+given the same store, is the same run whichever command asks for it.
 
 Policies (``POLICIES``):
 - ``"reuse"`` (the default): a finished run of the config (completed or diverged: both are results) is
@@ -28,10 +29,11 @@ from typing import Any
 
 import torch
 
-from bnlab.config import TrainConfig
+from bnlab.config import TrainConfig, check_int
 from bnlab.data import MNIST, load_mnist
 from bnlab.errors import CheckpointError, UsageError
 from bnlab.training import store
+from bnlab.training.distributed import from_env, launch
 from bnlab.training.pool import run_in_workers
 from bnlab.training.result import RunResult
 from bnlab.training.runner import train, train_stack
@@ -47,9 +49,11 @@ POLICIES = ("reuse", "fresh")
 MIN_STACK, MAX_STACK = 8, 32
 
 
-def run_dir(root: str | Path, config: TrainConfig, device: torch.device | str) -> Path:
-    """The directory of ``config``'s run on ``device`` in the store ``root``."""
-    return Path(root) / f"{config.model}-{config.bn}-seed{config.seed}-{config.key()}-{torch.device(device).type}"
+def run_dir(root: str | Path, config: TrainConfig, device: torch.device | str, nproc: int = 1) -> Path:
+    """The directory of ``config``'s run on ``device`` (in ``nproc`` data-parallel processes) in the store ``root``."""
+    processes = f"-{nproc}proc" if nproc > 1 else ""
+    name = f"{config.model}-{config.bn}-seed{config.seed}-{config.key()}-{torch.device(device).type}{processes}"
+    return Path(root) / name
 
 
 def check_policy(policy: str) -> None:
@@ -64,24 +68,48 @@ def obtain(
     policy: str = "reuse",
     data: MNIST | None = None,
     device: torch.device | str = "cpu",
+    nproc: int = 1,
+    data_dir: str | Path | None = None,
     **options: Any,
 ) -> tuple[RunResult, str]:
     """(``config``'s run in the store ``root``, how it was obtained: "reused", "resumed" or "trained").
 
     ``options`` go to ``training.train`` (log, progress, fast, checkpoints, ...). A diverged run is a result
     (its status says so), never an exception: the same whether it was trained now or is reused.
+
+    ``nproc`` > 1: data-parallel training in that many processes of this machine (``distributed.launch``;
+    synchronized BN, the global batch ``config.batch_size`` split between them), each loading MNIST from
+    ``data_dir`` (``data`` is not sent to them); its own run directory (``run_dir``), rank 0 writing it.
     """
     check_policy(policy)
     device = torch.device(device)
+    check_int("nproc", nproc, 1, 256)
+    path = run_dir(root, config, device, nproc)
     resume = False
     if policy == "reuse":
-        path = run_dir(root, config, device)
         previous = load_run(path, config)
         if previous is not None:
             return previous, "reused"
         resume = resumable(path, config)
+    if nproc > 1:
+        options = {**options, "raise_on_divergence": False}
+        launch(nproc, train_in_world, config.to_dict(), str(path), resume, str(device), data_dir, options)
+        return _finished_run(path, config), "resumed" if resume else "trained"
     [result] = train_item(Item((config,), resume), data, root, device, options)
     return result, "resumed" if resume else "trained"
+
+
+def train_in_world(
+    config: dict[str, Any], path: str, resume: bool, device: str, data_dir: str | None, options: dict[str, Any]
+) -> int:
+    """One process of ``obtain(nproc=N)``'s data-parallel run (``launch``'s entry): join the group and train."""
+    where = torch.device(device)
+    world = from_env(where)
+    train(
+        TrainConfig.from_dict(config), run_dir=path, resume=resume, replace=not resume, data_dir=data_dir,
+        device=where, world=world, **options,
+    )  # fmt: skip
+    return 0
 
 
 def obtain_many(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnlab.config import TrainConfig
+from bnlab.config import BATCH_NORMS, TrainConfig
 from bnlab.data import MNIST, Split
 from bnlab.nn.precise import Recalibration, recalibrate
 from bnlab.training.evaluate import evaluate, one_at_a_time_accuracy
@@ -37,7 +37,7 @@ def final_scores(
     result.validation_accuracy, result.test_accuracy = ema["validation_accuracy"], ema["test_accuracy"]
     result.one_at_a_time_accuracy = ema.get("one_at_a_time_accuracy")
     precise: dict[str, Any] = {}
-    if config.bn != "none" and config.precise_samples:
+    if config.bn in BATCH_NORMS and config.precise_samples:
         recalibrated, done = precise_copy(model, train_split, config.precise_samples, config.batch_size, config.seed)
         precise = {"samples": done.samples, "seconds": round(done.seconds, 3)}
         precise |= scores(recalibrated, data, config.loss, config.one_at_a_time)

@@ -25,7 +25,8 @@ weights from then on; the others go on, unaffected.
 
 Why not for every run: dropout (its masks come from the global generator in the order of the
 sequential run, which vmap cannot reproduce), gradient clipping, RMSProp, time budgets and recurrent
-networks are trained one run at a time (``stackable``). And a ConvNet, which a stack can train, is
+networks are trained one run at a time (``stackable``), and so are the small-batch family's norms and
+class batches (their vmap forms are not tested against their runs alone). And a ConvNet, which a stack can train, is
 trained alone where runs are grouped (``stack_pays``): its grouped convolutions under vmap are slower.
 """
 
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from bnlab.config import TrainConfig
+from bnlab.config import BN_MODES, TrainConfig
 
 __all__ = ["NetworkStack", "StackOptimizer", "stack_pays", "stackable", "structure"]
 
@@ -52,6 +53,8 @@ def stackable(config: TrainConfig) -> bool:
     """Whether ``config``'s run can train as a member of a stack (see the module docstring for why not)."""
     return (
         config.model in ("mlp", "convnet")
+        and config.bn in BN_MODES
+        and config.classes_per_batch is None
         and config.optimizer in STACKED_OPTIMIZERS
         and config.dropout == 0
         and config.clip is None
