@@ -110,10 +110,16 @@ def seed_run(small_mnist, tmp_path_factory) -> Path:
     return run_dir
 
 
+def problems(report) -> list:
+    """The report's errors and warnings: its info findings (``foldable``) say nothing is wrong."""
+    return [f for f in report.findings if f.severity != "info"]
+
+
 def test_healthy_model_passes_and_is_left_unchanged(model, mnist):
     before = snapshot(model)
     report = check_model(model, mnist.test)
-    assert report.findings == [] and report.passed and report.verdict == "pass"
+    assert problems(report) == [] and report.passed and report.verdict == "pass"
+    assert [(f.code, f.severity, f.evidence) for f in report.notes] == [("foldable", "info", "3 of 3 BN layers fold")]
     assert report.layers == ["1", "4", "9"] and (report.samples, report.stats_samples, report.held_out) == (
         100,
         1024,
@@ -122,7 +128,7 @@ def test_healthy_model_passes_and_is_left_unchanged(model, mnist):
     assert report.cost.metric == "accuracy" and not report.cost.stale
     text = report.format()
     assert "statistics recomputed from 1024 inputs, 1024 others held out: accuracy" in text and " s\n" in text
-    assert text.endswith("PASS: batch norm is used correctly")
+    assert text.endswith("PASS: batch norm is used correctly; info: foldable") and "bnlab fold RUN_DIR" in text
     assert_unchanged(model, before)
 
 
@@ -130,12 +136,13 @@ def test_seed_convnet_passes_with_tracked_statistics_and_fails_one_at_a_time_wit
     seed_run, small_mnist, mnist
 ):
     model = load_model(seed_run).model
-    assert {f.code for f in check_model(model, mnist.test).findings} == {"momentum-too-small", "stale-stats"}
+    codes = {f.code for f in check_model(model, mnist.test).findings}
+    assert codes == {"momentum-too-small", "stale-stats", "foldable"}
 
     batches = (images for images, _ in itertools.islice(Batches(small_mnist.train, 64, seed=1), 30))
     recalibrate(model, batches, samples=30 * 64)
     report = check_model(model, mnist.test)
-    assert report.findings == [], report.format()
+    assert problems(report) == [] and report.codes() == {"foldable"}, report.format()
 
     model.train()  # the notebook's lesson: scored one at a time with batch statistics
     report = check_model(model, mnist.test)
@@ -251,7 +258,7 @@ def test_stale_statistics_without_labels(model, small_mnist, mnist):
     """Without labels the cost is the change in the outputs, judged against two recomputations' difference."""
     recalibrate(model, small_mnist.train.images)  # the statistics of this model's training data, exactly
     report = check_model(model, mnist.test.images)
-    assert report.findings == [] and report.cost.metric == "changed predictions" and report.cost.noise > 0
+    assert problems(report) == [] and report.cost.metric == "changed predictions" and report.cost.noise > 0
     standardized = (mnist.test.images - 0.1307) / 0.3081
     report = check_model(model, standardized)
     assert found(report) == {("stale-stats", None)}
@@ -292,7 +299,7 @@ def test_recurrent_batch_norm_with_statistics_per_time_step(small_mnist, mnist):
     fit(model, small_mnist.train, batches=60)
     recalibrate(model, small_mnist.train.images)
     report = check_model(model, mnist.test)
-    assert report.findings == [], report.format()
+    assert report.findings == [], report.format()  # recurrent BN (statistics per time step) does not fold
 
     stored = copy.deepcopy(model)
     recalibrate(stored, 1 - small_mnist.train.images)  # statistics of other data: inverted images

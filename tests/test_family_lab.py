@@ -4,6 +4,7 @@ networks, class batches, data-parallel runs in the run store, and the guide's ru
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,14 +13,14 @@ import torch
 from torch import nn
 
 import bnlab
+from bnlab import kernels
 from bnlab.config import NORMS, TrainConfig
-from bnlab.data import ClassBatches
+from bnlab.data import ClassBatches, Split
 from bnlab.errors import UsageError
 from bnlab.lab import family
-from bnlab.lab.benefits.runs import QUIET
 from bnlab.models import build_network
 from bnlab.training import RunResult
-from bnlab.training.runs import load_run, obtain, run_dir
+from bnlab.training.runs import QUIET, load_run, obtain, run_dir
 
 SEED_KEY = "528e6476c366"  # TrainConfig()'s key before the family's fields existed: stored runs keep their names
 
@@ -43,7 +44,8 @@ def test_later_fields_leave_stored_configs_and_keys_unchanged():
         ({"bn": "ghost", "virtual_batch": 128}, "virtual_batch must be"),
         ({"bn": "manual", "renorm_warmup": 10}, "renorm_warmup goes with bn='renorm'"),
         ({"bn": "manual", "group_channels": 8}, "group_channels goes with bn='group'"),
-        ({"classes_per_batch": 11}, "MNIST has 10 classes"),
+        ({"classes_per_batch": 11}, "classes_per_batch must be an integer in \\[1, 10\\]"),
+        ({"batch_size": 4, "classes_per_batch": 5}, "classes_per_batch must be an integer in \\[1, 4\\]"),
         ({"model": "mlp", "init": "he_normal", "width": 8}, "width is the convnet's"),
         ({"model": "lstm", "bn": "group"}, "the lstm model takes bn none, torch or manual"),
     ],
@@ -53,8 +55,10 @@ def test_family_options_are_refused_without_their_norm(settings, words):
         TrainConfig(**settings)
 
 
-def test_group_norm_trains_on_batches_of_one_and_batch_norms_refuse_them():
-    TrainConfig(bn="group", batch_size=1)
+def test_group_norm_trains_on_batches_of_one_and_batch_norms_refuse_them(small_mnist):
+    config = TrainConfig(bn="group", depth=3, batch_size=1, batches=3, cadence="interval", eval_every=3, eval_size=32,
+                         one_at_a_time=0, precise_samples=0)  # fmt: skip
+    assert bnlab.train(config, small_mnist, device="cpu", log=lambda _: None, progress=False).status == "completed"
     for bn in ("torch", "manual", "renorm", "ghost"):
         extra = {"virtual_batch": 2} if bn == "ghost" else {}
         with pytest.raises(UsageError, match="at least 2 with batch norm"):
@@ -82,11 +86,44 @@ def test_every_norm_builds_in_the_same_places_with_the_same_weights(model):
         if bn != "none":
             norms = [m for m in nets[bn].modules() if isinstance(m, kinds[bn])]
             assert len(norms) == (7 if model == "convnet" else 2)
+    for bn, net in nets.items():  # the norm right after each linear map, then the activation (or fused in it)
+        for block in [*net.blocks, *([net.hidden] if model == "convnet" else [])]:
+            names = [name for name, _ in block.named_children()]
+            fused = getattr(getattr(block, "norm", None), "fused_relu", False)
+            assert names[1:] == [*(["norm"] if bn != "none" else []), *([] if fused else ["act"])], (bn, names)
+            assert names[0] in ("conv", "linear")
+            if bn != "none":
+                assert block.norm.eps == 1e-3 and getattr(block.norm, "momentum", 0.01) == 0.01
     group = [m for m in nets["group"].modules() if isinstance(m, nn.GroupNorm)]
-    assert all(m.num_channels // m.num_groups == 4 for m in group)  # 4 channels a group
+    convs = group[:-1] if model == "convnet" else []
+    assert all(m.num_channels // m.num_groups == 4 for m in convs)  # 4 channels a group on convolutions
+    assert all(m.num_groups == 1 for m in group[len(convs) :])  # one group (layer norm) on dense layers
     x = torch.randn(8, 1, 28, 28)
     for net in nets.values():
         assert net(x).shape == (8, 10)
+
+
+def test_class_batches_pass_over_each_label_before_repeating_it_and_resume_across_the_boundary(small_mnist):
+    """A tiny split (6 samples of each of 3 labels): batches of 4 from 2 labels cross every label's pass."""
+    keep = torch.cat([torch.nonzero(small_mnist.train.labels == c).flatten()[:6] for c in (1, 4, 7)])
+    split = Split(small_mnist.train.images[keep], small_mnist.train.labels[keep])
+    batches = ClassBatches(split, 4, seed=2, classes=2)
+    drawn = {c: [] for c in (1, 4, 7)}
+    states, ahead = [], []
+    for _ in range(30):
+        states.append(batches.state_dict())
+        indices = batches.next_indices()
+        ahead.append(indices)
+        labels = split.labels[indices]
+        assert sorted(torch.bincount(labels, minlength=10)[[1, 4, 7]].tolist()) == [0, 2, 2]
+        for c in (1, 4, 7):
+            drawn[c] += indices[labels == c].tolist()
+    for c, seen in drawn.items():  # each run of 6 consecutive draws of a label is one pass: all 6 samples
+        passes = [seen[i : i + 6] for i in range(0, len(seen) - 5, 6)]
+        assert passes and all(sorted(p) == sorted(torch.nonzero(split.labels == c).flatten().tolist()) for p in passes)
+    again = ClassBatches(split, 4, seed=99, classes=2)
+    again.load_state_dict(states[17])  # mid-way, after several labels' passes ended
+    assert all(torch.equal(again.next_indices(), ahead[i]) for i in range(17, 30))
 
 
 def test_class_batches_draw_each_batch_from_few_classes_evenly_and_resume(small_mnist):
@@ -161,12 +198,14 @@ def test_the_rule_beats_only_in_every_seed_by_the_margin_and_diverged_runs_lose(
         ("renorm", iid, 2): [0.951, 0.90],  # above BN in one seed only: not beaten by it, and beats no one
         ("none", iid, 2): [None, 0.99],  # diverged in seed 0, so it beats no one; best in seed 1, so none beats it
     })  # fmt: skip
-    assert result.beats([0.95, 0.96], [0.90, 0.91])
-    assert not result.beats([0.9015, 0.96], [0.90, 0.91])  # 0.15 points is within the margin
-    assert result.beats([0.5, 0.5], [None, None]) and not result.beats([None, 0.99], [0.1, 0.1])
+    assert family.beats([0.95, 0.96], [0.90, 0.91])
+    assert not family.beats([0.9015, 0.96], [0.90, 0.91])  # 0.15 points is within the margin
+    assert family.beats([0.5, 0.5], [None, None]) and not family.beats([None, 0.99], [0.1, 0.1])
     winners = result.winners(iid, 2)
     assert "bn" not in winners and "group" in winners and "renorm" in winners
     assert "none" in winners
+    nothing = _result({("bn", iid, 2): [None, None], ("group", iid, 2): [None, None]})
+    assert nothing.winners(iid, 2) == []  # no arm completed a seed: no winner
 
 
 def test_findings_state_the_shape_by_the_rule():
@@ -197,12 +236,25 @@ def test_the_plan_pairs_every_arm_and_scales_the_learning_rate():
     assert len({cfg.init for cfg in cells.values()}) == 1  # every arm's kernels from one scheme: paired
 
 
-@pytest.mark.parametrize("kernels", ["1", "0"], ids=["kernels", "BNLAB_KERNELS=0"])
-def test_smoke_guide_end_to_end_writes_its_report(small_mnist, tmp_path, monkeypatch, kernels):
-    monkeypatch.setenv("BNLAB_KERNELS", kernels)
-    outcome = family.run_family("smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None)
-    assert len(outcome.runs) == len(family.plan(family.BUDGETS["smoke"], (0,)))
+@pytest.mark.parametrize("on", [True, False], ids=["kernels", "BNLAB_KERNELS=0"])
+def test_smoke_guide_end_to_end_writes_its_report(small_mnist, tmp_path, monkeypatch, on):
+    """The whole guide at the smoke budget, every arm on the same small data (the synchronized one too, in 2
+    processes, which read BNLAB_KERNELS; this process's runs follow use_kernels)."""
+    monkeypatch.setenv("BNLAB_KERNELS", "1" if on else "0")
+    with kernels.use_kernels(on):
+        outcome = family.run_family(
+            "smoke", out_dir=tmp_path, data=small_mnist, device="cpu", log=lambda _: None, workers=1
+        )
+    assert len(outcome.runs) == len(family.plan(family.BUDGETS["smoke"], (0,))) and outcome.notes == []
     assert all(r.status in ("completed", "diverged") for r in outcome.runs.values())
+    assert sum(r.status == "completed" for r in outcome.runs.values()) >= len(outcome.runs) - 2
+    for run in outcome.runs.values():
+        used = json.loads((run.run_dir / "config.json").read_text())["batch_norm"]
+        assert used.startswith("compiled kernels" if on and kernels.available() else "tensor ops"), used
+        if run.status == "completed":  # scored on the data it was given: 256 test images, not MNIST's 10,000
+            assert run.test_accuracy * 256 == pytest.approx(round(run.test_accuracy * 256), abs=1e-6)
+    synced = [r for c, r in outcome.runs.items() if c.arm == "sync"]
+    assert synced and all(r.run_dir.name.endswith("-2proc") for r in synced)
     for name in ("report.md", "results.json", "results.csv", "family.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -213,7 +265,10 @@ def test_smoke_guide_end_to_end_writes_its_report(small_mnist, tmp_path, monkeyp
 
 
 def test_cli_family_help_and_bad_usage():
-    run = subprocess.run([sys.executable, "-m", "bnlab.cli", "family", "--help"], capture_output=True, text=True)
+    wide = os.environ | {"COLUMNS": "200"}  # argparse wraps the help text at the terminal's width
+    run = subprocess.run(
+        [sys.executable, "-m", "bnlab.cli", "family", "--help"], capture_output=True, text=True, env=wide
+    )
     assert run.returncode == 0 and "--budget" in run.stdout and "Wu & He" in run.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "bnlab.cli", "family", "--budget", "huge"], capture_output=True, text=True

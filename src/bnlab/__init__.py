@@ -33,6 +33,8 @@ _OWNERS = {
     "FrozenBatchNorm3d": "bnlab.nn.frozen",
     "batch_norm": "bnlab.nn.functional",
     "convert": "bnlab.nn.convert",
+    "FoldResult": "bnlab.nn.fold",
+    "fold": "bnlab.nn.fold",
     "Recalibration": "bnlab.nn.precise",
     "recalibrate": "bnlab.nn.precise",
     "MNIST": "bnlab.data",
@@ -70,6 +72,7 @@ __all__ = [
     "BnlabError",
     "CheckpointError",
     "DataError",
+    "FoldResult",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
@@ -90,6 +93,7 @@ __all__ = [
     "check_model",
     "convert",
     "evaluate",
+    "fold",
     "load_mnist",
     "load_model",
     "one_at_a_time_accuracy",
@@ -120,6 +124,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see: the same names, imported
     from bnlab.models import SeedConvNet, build_model, summary
     from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
     from bnlab.nn.convert import convert
+    from bnlab.nn.fold import FoldResult, fold
     from bnlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
     from bnlab.nn.functional import batch_norm
     from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d

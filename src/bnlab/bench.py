@@ -41,7 +41,7 @@ SEED_SHAPES = [(64, 4 * d, s, s) for d, s in zip(range(1, 20), _SIZES, strict=Tr
 LARGE_SHAPE = (32, 64, 56, 56)
 
 
-def _median_pair(run_a: Callable[[], None], run_b: Callable[[], None], repeats: int) -> tuple[float, float]:
+def median_pair(run_a: Callable[[], None], run_b: Callable[[], None], repeats: int) -> tuple[float, float]:
     """Median seconds of a and b, measured alternately after a warm-up."""
     for _ in range(3):
         run_a()
@@ -86,7 +86,7 @@ def time_layer(shape: Sequence[int], layout: str = "contiguous", relu: bool = Fa
     def run_ours() -> None:
         ours(x).backward(dy)
 
-    native_s, ours_s = _median_pair(run_native, run_ours, repeats)
+    native_s, ours_s = median_pair(run_native, run_ours, repeats)
     return LayerTiming(tuple(shape), layout, relu, native_s * 1e6, ours_s * 1e6)
 
 

@@ -197,7 +197,8 @@ class TrainConfig:
         if self.group_channels != 4 and self.bn != "group":
             raise UsageError("group_channels goes with bn='group'")
         if self.classes_per_batch is not None:
-            check_int("classes_per_batch", self.classes_per_batch, 1, 10, why="MNIST has 10 classes")
+            high = min(10, self.batch_size)
+            check_int("classes_per_batch", self.classes_per_batch, 1, high, why="10 in MNIST, 1 a sample at most")
 
     def to_dict(self) -> dict[str, Any]:
         return {

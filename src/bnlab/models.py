@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from bnlab import nn as bnn
 from bnlab.config import CONV_INITS, FC_INITS, MAX_PARAMETERS, NORMS, TrainConfig, check_choice
 from bnlab.errors import UsageError
-from bnlab.nn.convert import group_count
+from bnlab.nn.convert import FUSES_RELU, group_count
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {  # by the names TrainConfig accepts
     "relu": nn.ReLU,
@@ -74,15 +74,19 @@ def make_norm(
     renorm: ``BatchRenorm*`` with the paper's bounds (rmax 3, dmax 5), opened in a straight line over
     ``renorm_warmup`` steps (None: the layer's default). ghost: ``GhostBatchNorm*`` with ``virtual_batch`` samples
     per virtual batch. group: ``nn.GroupNorm`` with ``group_channels`` channels per group (``group_count`` of at
-    most channels // group_channels groups): these networks have 4-100 channels a layer, where Wu & He's 32
-    groups (set for ResNets' 64-2048) would leave one channel per group, which is instance norm.
+    most channels // group_channels groups) on a convolution's output: these networks have 4-24 channels a
+    conv layer, where Wu & He's 32 groups (set for ResNets' 64-2048) would leave one channel per group, which
+    is instance norm. On a dense layer's (N, C) output one group, layer norm: groups of a few values would
+    normalize away most of what each holds (``convert`` refuses them for that reason), and Wu & He put
+    GroupNorm on convolutions only.
     """
     check_choice("bn", bn, NORMS[1:])
     if bn == "torch":
         layer = nn.BatchNorm1d if dims == 2 else nn.BatchNorm2d
         return layer(num_features, eps=TF_EPS, momentum=momentum)
     if bn == "group":
-        return nn.GroupNorm(group_count(num_features, max(1, num_features // group_channels)), num_features, TF_EPS)
+        groups = 1 if dims == 2 else group_count(num_features, max(1, num_features // group_channels))
+        return nn.GroupNorm(groups, num_features, TF_EPS)
     options: dict[str, Any] = {"eps": TF_EPS, "momentum": momentum, "unbiased_running_var": False}
     options["fused_relu"] = fused_relu
     if bn == "renorm":
@@ -96,9 +100,6 @@ def make_norm(
         return layer(num_features, virtual_batch_size=virtual_batch, **options)
     layer = bnn.BatchNorm1d if dims == 2 else bnn.BatchNorm2d
     return layer(num_features, **options)
-
-
-FUSES_RELU = ("manual", "renorm", "ghost")  # bnlab's layers, which apply a following ReLU in their own pass
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -161,7 +162,7 @@ class SeedConvNet(nn.Module):
             norm_options=dict(norm_options or {}),
         )
         use_bn = bn != "none"
-        fuse = bn in FUSES_RELU and activation == "relu"  # bnlab's BN applies the ReLU in its own pass
+        fuse = bn in FUSES_RELU and activation == "relu"  # bnlab's layers apply it in their own pass
 
         def norm_act(block: nn.Sequential, features: int, dims: int) -> None:
             if use_bn:
@@ -329,7 +330,7 @@ class FCNet(nn.Module):
             norm_options=dict(norm_options or {}),
         )
         use_bn = bn != "none"
-        fuse = bn in FUSES_RELU and activation == "relu"
+        fuse = bn in FUSES_RELU and activation == "relu"  # bnlab's layers apply it in their own pass
         blocks, features = [], in_features
         for size in hidden:
             block = nn.Sequential()
@@ -383,7 +384,7 @@ def parameter_count(config: TrainConfig) -> int:
     return lstm_parameters(c)
 
 
-def norm_options(config: TrainConfig) -> dict[str, Any]:
+def norm_settings(config: TrainConfig) -> dict[str, Any]:
     """``make_norm``'s options for ``config``'s norm: only those it takes."""
     if config.bn == "ghost":
         return {"virtual_batch": config.virtual_batch}
@@ -409,7 +410,7 @@ def build_network(config: TrainConfig) -> nn.Module:
         )
     generator = torch.Generator().manual_seed(config.seed)
     momentum = TF_MOMENTUM if config.bn_momentum is None else config.bn_momentum
-    options = norm_options(config)
+    options = norm_settings(config)
     if config.model == "convnet":
         return SeedConvNet(
             config.bn, depth=config.depth, width=config.width, hidden=config.hidden[0], activation=config.activation,

@@ -29,6 +29,21 @@ def summarize(values: Sequence[float | None]) -> dict[str, float] | None:
     return {"mean": statistics.fmean(present), "min": min(present), "max": max(present)} if present else None
 
 
+def median_range(values: Sequence[float | None]) -> dict[str, float] | None:
+    """Median, min and max over the values present (seeds); None when there are none. The median resists the
+    one chaotic seed a deep network or an EMA can give, where ``summarize``'s mean would follow it."""
+    present = [v for v in values if v is not None]
+    return {"median": statistics.median(present), "min": min(present), "max": max(present)} if present else None
+
+
+def median_text(stats: dict[str, float] | None, spec: str = ".4f") -> str:
+    """Median (min-max): '0.9650 (0.9599-0.9706)'; one value alone when they agree; '-' for None."""
+    if stats is None:
+        return "-"
+    median, low, high = (format(stats[k], spec) for k in ("median", "min", "max"))
+    return median if low == high else f"{median} ({low}-{high})"
+
+
 def spread_cell(stats: dict[str, float] | None, digits: int) -> str:
     """``spread`` for a table cell: '-' where there is nothing (e.g. precise figures without BN)."""
     return "-" if stats is None else spread(stats, digits)

@@ -46,6 +46,7 @@ from bnlab.config import check_int
 from bnlab.data import Split, load_mnist
 from bnlab.errors import BnlabError, UsageError
 from bnlab.nn import is_batch_norm
+from bnlab.nn.fold import fold
 from bnlab.nn.precise import recalibrate
 
 __all__ = [
@@ -131,6 +132,7 @@ def check_model(
             if isinstance(module, nn.modules.dropout._DropoutNd):
                 module.eval()
         report.findings += scoring_findings(model, layers, probe, probe_labels)
+        report.findings += fold_findings(model, layers, probe)
     if with_statistics:  # afresh: in training mode, the probes updated the statistics (put back since)
         parts = order[:recompute_count], order[recompute_count:][:held_count], order[recompute_count + held_count :]
         try:
@@ -153,6 +155,21 @@ def check_model(
     report.findings.sort(key=lambda f: (order_of[f.code], names.get(f.layer, -1)))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def fold_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], probe: Tensor) -> list[Finding]:
+    """``foldable``: an eval-mode model whose BN layers ``bnlab.fold`` folds, traced on ``probe`` (a copy: the
+    model is not touched)."""
+    if not layers or any(m.training for m in model.modules()):
+        return []
+    try:
+        result = fold(model, probe)
+    except Exception:  # a model fold cannot trace: nothing to offer, and nothing wrong with its batch norm
+        return []
+    if not result.folded:
+        return []
+    evidence = f"{len(result.folded)} of {len(result.folded) + len(result.left)} BN layers fold"
+    return [Finding("foldable", None, evidence + (f"; {len(result.left)} cannot" if result.left else ""))]
 
 
 def _stored_against_recomputed(

@@ -11,6 +11,7 @@ from bnlab.check.rules import (
     CHANGED_LIMIT,
     ERROR,
     ERROR_SHARE,
+    INFO,
     NOISE_FACTOR,
     NOISE_Z,
     OUTPUT_LIMIT,
@@ -119,6 +120,10 @@ class Report:
         return [f for f in self.findings if f.severity == WARNING]
 
     @property
+    def notes(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == INFO]
+
+    @property
     def passed(self) -> bool:
         return not self.errors
 
@@ -138,6 +143,7 @@ class Report:
             "verdict": self.verdict,
             "errors": len(self.errors),
             "warnings": len(self.warnings),
+            "notes": len(self.notes),
             "layers": self.layers,
             "samples": self.samples,
             "stats_samples": self.stats_samples,
@@ -175,12 +181,15 @@ class Report:
     def _verdict_line(self, found: list[str]) -> str:
         errors = [code for code in found if RULES[code].severity == ERROR]
         warnings = [code for code in found if RULES[code].severity == WARNING]
+        notes = [code for code in found if RULES[code].severity == INFO]
+        note = f"; info: {', '.join(notes)}" if notes else ""
         if errors:
             line = f"FAIL: errors: {', '.join(errors)}"
-            return line + (f"; warnings: {', '.join(warnings)}" if warnings else "")
+            return line + (f"; warnings: {', '.join(warnings)}" if warnings else "") + note
         if not self.layers:
             return (
                 "NO BATCH NORM: the model has no batch-norm layer, so there is nothing to check "
                 "(predictions do not depend on the batch)"
             )
-        return f"PASS: warnings: {', '.join(warnings)}" if warnings else "PASS: batch norm is used correctly"
+        verdict = f"PASS: warnings: {', '.join(warnings)}" if warnings else "PASS: batch norm is used correctly"
+        return verdict + note

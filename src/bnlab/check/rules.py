@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["ERROR", "RULES", "WARNING", "Rule"]
+__all__ = ["ERROR", "INFO", "RULES", "WARNING", "Rule"]
 
-ERROR, WARNING = "error", "warning"
+ERROR, WARNING, INFO = "error", "warning", "info"  # info: nothing wrong, a gain on offer
 
 FAST_MOMENTUM = 0.5  # momentum-too-large: the statistics average fewer than 2 / momentum - 1 = 3 batches
 DRIFT_LIMIT = 0.5  # a layer has drifted: median channel's mean off by 0.5 std, or its std off by e**0.5 = 1.65x
@@ -298,6 +298,23 @@ RULES: dict[str, Rule] = {
             "whose normalized outputs are intended (an embedding, a self-supervised projector) is fine.",
             "End a classifier with a plain linear layer: remove the BN after it (keep BN on hidden layers). "
             "Ignore this for a model whose normalized outputs are intended, such as an embedding.",
+        ),
+        Rule(
+            "foldable",
+            INFO,
+            "model",
+            "batch norm can be folded away for deployment",
+            "eval-mode BN layers that fold into the convolution or linear layer before them",
+            "In eval mode each of these BN layers is a fixed affine map per channel applied to the output of a "
+            "convolution or linear layer, which can absorb it: the folded model computes the same outputs, to "
+            "float rounding, with fewer layers, which is faster at small batches. Nothing is wrong; keep the "
+            "unfolded model for training.",
+            "The model is in eval mode and `bnlab.fold`, traced on the batch scored for `batch-dependent`, folds "
+            "at least one BN layer: one that reads the output of a `Conv*d`, `ConvTranspose*d` or `Linear` that "
+            "nothing else reads (docs/fold.md gives every condition). The evidence counts the layers that fold and "
+            "those that do not.",
+            "`bnlab fold RUN_DIR` writes a folded checkpoint and a torch.export program beside it; for any model, "
+            "bnlab.fold(model, example_input).model is the folded copy.",
         ),
     )
 }

@@ -1,4 +1,4 @@
-"""``bnlab train``, ``evaluate``, ``recalibrate`` and ``summary``: one network at a time."""
+"""``bnlab train``, ``evaluate``, ``recalibrate``, ``fold`` and ``summary``: one network at a time."""
 
 from __future__ import annotations
 
@@ -54,12 +54,15 @@ def _train_command(args: argparse.Namespace) -> int:
         emit(f"Resuming {out} (bn={config.bn}, seed {config.seed}, {config.batches} batches)")
     else:
         config = TrainConfig(
-            bn=args.bn, virtual_batch=args.virtual_batch, batches=args.batches, batch_size=args.batch_size,
+            bn=args.bn, virtual_batch=args.virtual_batch, renorm_warmup=_renorm_warmup(args),
+            batches=args.batches, batch_size=args.batch_size,
             lr=args.lr, loss=args.loss, seed=args.seed,
             checkpoint_every=args.checkpoint_every, precise_samples=args.precise_samples,
         )  # fmt: skip
         out = Path(args.out) if args.out else store.default_run_dir("runs/train", config)
     device = resolve_device(args.device)
+    if workers and config.bn == "ghost":
+        raise UsageError("--bn ghost has no synchronized form (each virtual batch is its own); use --nproc 1")
     if workers:
         return _launch(args, workers, out)
     world = distributed.from_env(device)
@@ -84,6 +87,15 @@ def _train_command(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result.summary() | {"run_dir": str(out)}, indent=2))
     return 0
+
+
+def _renorm_warmup(args: argparse.Namespace) -> int | None:
+    """--renorm-warmup, by default a fifth of the run (the layer's 10,000 steps would outlast most runs)."""
+    if args.bn != "renorm":
+        if args.renorm_warmup is not None:
+            raise UsageError("--renorm-warmup goes with --bn renorm")
+        return None
+    return args.batches // 5 if args.renorm_warmup is None else args.renorm_warmup
 
 
 def _launch(args: argparse.Namespace, workers: int, out: Path) -> int:
@@ -210,6 +222,67 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fold(args: argparse.Namespace) -> int:
+    import torch
+
+    from bnlab.bench import median_pair
+    from bnlab.data import load_mnist
+    from bnlab.nn.fold import fold
+    from bnlab.training import evaluate, load_model, resolve_device, store
+
+    device = resolve_device(args.device)
+    checkpoint = load_model(args.checkpoint, device)
+    source, config = checkpoint.path, checkpoint.config
+    out = Path(args.out) if args.out else source.with_name(f"{source.stem}-folded{source.suffix}")
+    program_path = out.with_suffix(".pt2")
+    for path in (out, program_path):
+        writable_file(path, overwrite=args.overwrite)
+    if out.resolve() == source.resolve():
+        raise UsageError(f"--out {out} is the checkpoint being folded; write the result beside it")
+    if checkpoint.payload.get("folded"):
+        raise UsageError(f"{source} is already folded (written by bnlab fold)")
+    data = load_mnist(args.data_dir).to(device)
+    emit = emitter(args)
+    emit(f"Checkpoint {source}: {checkpoint.describe()}")
+    model = checkpoint.model.eval()
+    images = data.test.images[: args.samples]
+    result = fold(model, images[:8])
+    with torch.inference_mode():
+        reference, folded_out = model(images), result.model(images)
+        difference = (folded_out - reference).abs().max().item()
+        relative = difference / max(reference.abs().max().item(), 1e-30)
+        before, after = (evaluate(m, data.test, config.loss)[1] for m in (model, result.model))
+        latency = {}
+        for batch in (1, 256):
+            x = data.test.images[:batch]
+            seconds = median_pair(lambda x=x: model(x), lambda x=x: result.model(x), args.repeats)
+            latency[batch] = {
+                "before_ms": seconds[0] * 1e3,
+                "after_ms": seconds[1] * 1e3,
+                "ratio": seconds[1] / seconds[0],
+            }
+    program = torch.export.export(
+        result.model, (images[:8],), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1_000_000)},)
+    )
+    with store.writing(out):  # one writer, as recalibrate
+        payload = {k: v for k, v in checkpoint.payload.items() if k not in ("format", "version", "resume")}
+        store.save_checkpoint(out, payload | {"state_dict": result.model.state_dict(), "folded": result.folded})
+        torch.export.save(program, program_path)
+    emit(str(result))
+    emit(f"Largest output difference on {len(images):,} test images: {difference:.3g} ({relative:.2g} relative)")
+    emit(f"Test accuracy: {before:.5f} before, {after:.5f} after")
+    for batch, t in latency.items():
+        emit(f"Eval latency at batch {batch}: {t['before_ms']:.3f} ms before, {t['after_ms']:.3f} ms after "
+             f"({t['ratio']:.2f}x; median of {args.repeats}, interleaved)")  # fmt: skip
+    emit(f"Written to {out} and {program_path} (torch.export; load it with torch.export.load)")
+    if args.json:
+        report = {"checkpoint": str(source), "out": str(out), "program": str(program_path)}
+        report |= {"folded": result.folded, "left": result.left, "max_difference": difference}
+        report |= {"relative_difference": relative, "test_accuracy_before": before, "test_accuracy_after": after}
+        print(json.dumps(report | {"latency": latency}, indent=2))
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from bnlab.models import build_network, layer_rows, summary
     from bnlab.training import resolve_device
@@ -232,6 +305,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--bn", choices=NORMS, default="manual", help=BN_HELP)
     p.add_argument("--virtual-batch", type=number_at_least_2, metavar="N", help="--bn ghost: samples per virtual batch")
+    p.add_argument(
+        "--renorm-warmup", type=non_negative_int, metavar="N",
+        help="--bn renorm: steps over which rmax and dmax open to 3 and 5 (default: a fifth of --batches)",
+    )  # fmt: skip
     p.add_argument("--batches", type=batches_int, default=800, help="training batches (default: 800)")
     p.add_argument("--batch-size", type=batch_size_int, default=64, help="examples per batch (default: 64)")
     p.add_argument("--lr", type=positive_float, default=0.002, help="Adam learning rate (default: 0.002)")
@@ -294,6 +371,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     common(p)
     p.set_defaults(func=cmd_recalibrate)
+
+    p = sub.add_parser(
+        "fold",
+        help="fold a checkpoint's batch norm into the layers before it, for deployment",
+        description="Fold every eval-mode BN layer into the convolution or linear layer before it (bnlab.fold) and "
+        "write the folded checkpoint (CHECKPOINT-folded.pt by default; bnlab evaluate loads it) and a torch.export "
+        "program beside it (.pt2). Prints the layers folded and left, the largest output difference on test "
+        "images, test accuracy before and after, and eval latency at batch 1 and 256 before and after.",
+    )
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or a checkpoint file")
+    p.add_argument("--out", metavar="FILE", help="where to write (default: CHECKPOINT-folded.pt beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its .pt2) if they exist")
+    p.add_argument("--samples", type=number(int, 8, 10_000), default=1000, help="test images for the output difference")
+    p.add_argument("--repeats", type=number(int, 1, 10_000), default=50, help="timed repeats per latency (default: 50)")
+    common(p)
+    p.set_defaults(func=cmd_fold)
 
     p = sub.add_parser(
         "summary",

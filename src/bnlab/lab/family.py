@@ -21,18 +21,23 @@ answer bnlab ships, on a network a CPU can train many times:
   full budget its average still holds 8% of the initial statistics). Renorm opens its bounds
   (rmax 1 -> 3, dmax 0 -> 5) in a straight line over the first fifth of the run, the shape of Ioffe's
   schedule. GroupNorm: 4 channels per group (``models.make_norm`` says why not 32 groups).
-- **Paired**: a seed gives every arm the same initial weights and, at a batch size, the same batches.
+- **Paired**: a seed gives every arm the same initial weights and, at a batch size, the same batches (the
+  synchronized arm at b per process trains BN's run at 2b: its batches, learning rate and steps, on 2
+  processes; it is compared with BN at b, the per-device batch it rescues).
 
 The measure is test accuracy (10,000 images) with the statistics each layer keeps (running EMA statistics:
 what a deployed model uses), reported beside precise statistics (``bnlab.recalibrate``, 4,096 training
 images in the training batch size) and the one-at-a-time check. The rule, fixed before the runs: arm A
-**beats** arm B at a setting when A's accuracy exceeds B's in every seed by more than ``MARGIN`` (a
-diverged run is beaten by any that completed); the **winners** at a setting are the arms no other beats.
+**beats** arm B at a setting when A's accuracy exceeds B's in every seed by more than ``MARGIN`` (a run
+that did not complete is beaten by any that did); the **winners** at a setting are the arms with a completed
+seed that no other beats.
+
+The synchronized arm needs ``SYNC_PROCESSES`` CPU cores: on a GPU (one device cannot hold two NCCL ranks) or
+a machine with fewer cores it is left out, and the report says so.
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from bnlab import reports
@@ -47,10 +53,9 @@ from bnlab.config import TrainConfig
 from bnlab.data import MNIST, load_mnist
 from bnlab.errors import UsageError
 from bnlab.fileio import atomic_write_bytes, write_json
-from bnlab.lab.benefits.runs import QUIET
 from bnlab.training import RunResult, resolve_device
 from bnlab.training.pool import usable_cores
-from bnlab.training.runs import obtain, obtain_many
+from bnlab.training.runs import QUIET, obtain, obtain_many
 
 BASE_LR = 0.02  # at 32 images a batch; linear scaling (Goyal et al. 2017; Wu & He's recipe)
 REFERENCE_BATCH = 32
@@ -207,23 +212,22 @@ class FamilyResult:
             return None
         return [score(self.runs[c], measure) for c in cells]
 
-    def beats(self, a: list[float | None], b: list[float | None]) -> bool:
-        """Paired, seed by seed: a completed run beats a diverged one; otherwise by more than ``MARGIN``."""
-        return all(x is not None and (y is None or x - y > MARGIN) for x, y in zip(a, b, strict=True))
-
     def winners(self, setting: str, batch: int, measure: str = "test") -> list[str]:
-        """The arms that no other arm beats at this setting (``MARGIN``, every seed)."""
+        """The arms with a completed seed that no other arm beats at this setting (``beats``)."""
         present = {arm.key: v for arm in ARMS if (v := self.values(arm.key, setting, batch, measure)) is not None}
-        return [a for a, v in present.items() if not any(self.beats(w, v) for b, w in present.items() if b != a)]
+        return [
+            a for a, v in present.items()
+            if any(x is not None for x in v) and not any(beats(w, v) for b, w in present.items() if b != a)
+        ]  # fmt: skip
 
     def medians(self, arm: str, measure: str = "test") -> dict[int, float]:
         """The arm's median accuracy at each i.i.d. batch size it ran at (completed seeds)."""
         out = {}
         for batch in self.budget.batch_sizes:
             values = self.values(arm, "i.i.d.", batch, measure)
-            present = [v for v in values or [] if v is not None]
-            if present:
-                out[batch] = statistics.median(present)
+            stats = reports.median_range(values or [])
+            if stats is not None:
+                out[batch] = stats["median"]
         return out
 
     def findings(self) -> list[str]:
@@ -233,7 +237,7 @@ class FamilyResult:
         out = []
         bn_small, bn_ref = (self.values("bn", "i.i.d.", b) for b in (small, reference))
         if bn_small and bn_ref and small != reference:
-            degrades = self.beats(bn_ref, bn_small)
+            degrades = beats(bn_ref, bn_small)
             medians = self.medians("bn")
             out.append(
                 f"BN {'degrades' if degrades else 'does not degrade by the rule'} as the batch shrinks: "
@@ -242,7 +246,7 @@ class FamilyResult:
                 f"{MARGIN * 100:g} points)" + (f"; its curve: {_curve(medians)}" if medians else "") + "."
             )
         group = self.medians("group")
-        if len(group) > 1:
+        if len(group) == len(sizes) > 1:  # a batch size without a completed run cannot be called flat
             spread = max(group.values()) - min(group.values())
             out.append(
                 f"GroupNorm {'stays flat' if spread <= FLAT else 'does not stay flat'}: its median moves by "
@@ -256,12 +260,12 @@ class FamilyResult:
                 group_values = self.values("group", "i.i.d.", batch)
                 if mine is None or bn is None:
                     continue
-                verdict = "beats BN" if self.beats(mine, bn) else "loses to BN" if self.beats(bn, mine) else "ties BN"
+                verdict = "beats BN" if beats(mine, bn) else "loses to BN" if beats(bn, mine) else "ties BN"
                 gn = ""
                 if group_values is not None:
                     gn = (
-                        ", beats GroupNorm" if self.beats(mine, group_values)
-                        else ", loses to GroupNorm" if self.beats(group_values, mine) else ", ties GroupNorm"
+                        ", beats GroupNorm" if beats(mine, group_values)
+                        else ", loses to GroupNorm" if beats(group_values, mine) else ", ties GroupNorm"
                     )  # fmt: skip
                 out.append(
                     f"{arm.label} at {batch} images a process: {_median(mine)}; {verdict} ({_median(bn)}){gn}"
@@ -319,12 +323,20 @@ class FamilyResult:
         }
 
 
-def _median(values: Sequence[float | None] | None) -> str:
-    present = [v for v in values or [] if v is not None]
-    if not present:
-        return "diverged"
-    text = f"{statistics.median(present):.4f}"
-    return text + (f" ({len(values) - len(present)} diverged)" if values and len(present) < len(values) else "")
+def beats(a: Sequence[float | None], b: Sequence[float | None]) -> bool:
+    """The rule: paired, seed by seed, a higher accuracy by more than ``MARGIN`` in every seed; a completed run
+    beats one that did not complete."""
+    return all(x is not None and (y is None or x - y > MARGIN) for x, y in zip(a, b, strict=True))
+
+
+def _median(values: Sequence[float | None] | None, spread: bool = False) -> str:
+    """The median over seeds (with ``spread``, and its range), and how many did not complete."""
+    stats = reports.median_range(values or [])
+    if stats is None:
+        return "did not complete"
+    text = reports.median_text(stats) if spread else f"{stats['median']:.4f}"
+    missing = sum(v is None for v in values or [])
+    return text + (f", {missing} did not complete" if missing else "")
 
 
 def _curve(medians: dict[int, float]) -> str:
@@ -358,38 +370,55 @@ def run_family(
     if not seed_list:
         raise UsageError("the family guide needs at least one seed")
     out, torch_device = Path(out_dir), resolve_device(device)
-    store = out / "runs" if runs_dir is None else Path(runs_dir)
+    store_root = out / "runs" if runs_dir is None else Path(runs_dir)
+    cells, notes = plan(plan_, seed_list), []
+    why_not = sync_unavailable(torch_device)
+    if why_not:
+        cells = {c: config for c, config in cells.items() if ARM_BY_KEY[c.arm].processes == 1}
+        notes.append(f"The synchronized arm was left out: {why_not}.")
+        log(notes[-1])
     data = (data if data is not None else load_mnist(data_dir)).to(torch_device)
-    cells = plan(plan_, seed_list)
     alone = {c: config for c, config in cells.items() if ARM_BY_KEY[c.arm].processes == 1}
     synced = {c: config for c, config in cells.items() if ARM_BY_KEY[c.arm].processes > 1}
     log(
         f"bnlab family: budget {plan_.name} ({plan_.runtime}), {len(seed_list)} seed(s), {len(cells)} runs "
-        f"({len(synced)} of them in {SYNC_PROCESSES} processes) in {store}"
+        f"({len(synced)} of them in {SYNC_PROCESSES} processes) in {store_root}"
     )
     enabled = sys.stderr.isatty() if progress is None else progress
     runs: dict[Cell, RunResult] = {}
     trained = 0
     with tqdm(total=len(cells), unit="run", desc="family", disable=not enabled, file=sys.stderr) as bar:
         obtained = obtain_many(
-            list(alone.values()), store, policy=policy, data=data, device=torch_device,
+            list(alone.values()), store_root, policy=policy, data=data, device=torch_device,
             done=lambda config, result, how: bar.update(), workers=usable_cores() if workers is None else workers,
             **QUIET,
         )  # fmt: skip
         for cell, config in alone.items():
             runs[cell], how = obtained[config]
             trained += how != "reused"
-        if synced and torch_device.type == "cpu" and usable_cores() < SYNC_PROCESSES:
-            raise UsageError(f"the synchronized arm needs {SYNC_PROCESSES} CPU cores; this machine has fewer")
-        for cell, config in synced.items():
+        for cell, config in synced.items():  # on the data the others trained on (obtain hands it to the processes)
             runs[cell], how = obtain(
-                config, store, policy=policy, device=torch_device, nproc=SYNC_PROCESSES, data_dir=data_dir, **QUIET
+                config, store_root, policy=policy, data=data, device=torch_device, nproc=SYNC_PROCESSES, **QUIET
             )  # fmt: skip
             trained += how != "reused"
             bar.update()
-    outcome = FamilyResult(plan_, seed_list, runs, out, str(torch_device), trained, time.perf_counter() - started)
+    outcome = FamilyResult(
+        plan_, seed_list, runs, out, str(torch_device), trained, time.perf_counter() - started, notes
+    )  # fmt: skip
     write_report(outcome)
     return outcome
+
+
+def sync_unavailable(device: torch.device) -> str:
+    """Why the synchronized arm cannot run here ("" if it can): it needs ``SYNC_PROCESSES`` CPU cores."""
+    if device.type != "cpu":
+        return (
+            f"it runs {SYNC_PROCESSES} processes on the CPU, and this lab runs on {device.type} (one GPU cannot "
+            "hold two NCCL ranks)"
+        )
+    if usable_cores() < SYNC_PROCESSES:
+        return f"it needs {SYNC_PROCESSES} usable CPU cores and this machine has {usable_cores()}"
+    return ""
 
 
 def report_blocks(outcome: FamilyResult) -> list[reports.Block]:
@@ -400,10 +429,7 @@ def report_blocks(outcome: FamilyResult) -> list[reports.Block]:
         values = outcome.values(arm.key, setting, batch, measure)
         if values is None:
             return ""
-        present = [v for v in values if v is not None]
-        text = _median(values)
-        if len(present) > 1:
-            text += f" ({min(present):.4f}-{max(present):.4f})"
+        text = _median(values, spread=True)
         return f"**{text}**" if arm.key in outcome.winners(setting, batch, measure) else text
 
     def table(measure: str) -> reports.Table:
@@ -427,6 +453,7 @@ def report_blocks(outcome: FamilyResult) -> list[reports.Block]:
             f"**{plan_.name}**: {len(outcome.runs)} runs ({outcome.trained} trained now) on {outcome.device}, "
             f"{outcome.wall_seconds / 60:.1f} min ({seconds / 60:.1f} min of training steps)."
         ),
+        *(reports.Callout(note) for note in outcome.notes),
         reports.Heading("The rule"),
         reports.Text(
             f"Fixed before the runs. The measure: test accuracy (10,000 images) with the running (EMA) statistics "
@@ -440,8 +467,9 @@ def report_blocks(outcome: FamilyResult) -> list[reports.Block]:
         table("test"),
         reports.Image(
             "family.png",
-            "Test error against images per process (Wu & He's Figure 1): median over seeds, min-max band; left "
-            "with the running statistics, right with precise ones.",
+            "Test error against images per process (as Wu & He's Figure 1), mean over seeds with the min-max band: "
+            "with the running statistics, with precise ones, and at one batch size, i.i.d. against non-i.i.d. "
+            "batches.",
         ),
         reports.Heading("Findings"),
         reports.Bullets(tuple(outcome.findings())),
@@ -466,32 +494,46 @@ def report_blocks(outcome: FamilyResult) -> list[reports.Block]:
     ]
 
 
+def _errors(
+    outcome: FamilyResult, measure: str, place: Callable[[Cell], tuple[float, bool]]
+) -> dict[str, list[list[tuple[float, float]]]]:
+    """Per arm, per seed, the (x, test error in %) points of its completed runs; ``place(cell)``: (x, shown?)."""
+    series: dict[str, list[list[tuple[float, float]]]] = {}
+    for arm in ARMS:
+        per_seed = []
+        for seed in outcome.seeds:
+            points = []
+            for cell, run in outcome.runs.items():
+                x, shown = place(cell)
+                if cell.arm == arm.key and cell.seed == seed and shown and (value := score(run, measure)) is not None:
+                    points.append((x, 100 * (1 - value)))
+            if points:
+                per_seed.append(sorted(points))
+        if per_seed:
+            series[arm.label] = per_seed
+    return series
+
+
 def write_report(outcome: FamilyResult) -> None:
     """report.md, results.json, results.csv and family.png in the output folder."""
     out = outcome.out_dir
     write_json(out / "results.json", outcome.to_dict())
     reports.write_csv(out / "results.csv", outcome.rows())
-    panels = []
-    for measure, title in (("test", "running (EMA) statistics"), ("test precise", "precise statistics")):
-        series: dict[str, list[list[tuple[float, float]]]] = {}
-        for arm in ARMS:
-            per_seed = []
-            for seed in outcome.seeds:
-                points = [
-                    (float(c.batch), 100 * (1 - value))
-                    for c, run in outcome.runs.items()
-                    if c.arm == arm.key and c.setting == "i.i.d." and c.seed == seed
-                    and (value := score(run, measure)) is not None
-                ]  # fmt: skip
-                if points:
-                    per_seed.append(sorted(points))
-            if per_seed:
-                series[arm.label] = per_seed
-        panels.append(
-            reports.Panel(
-                f"Test error, {title}", "images per process (batch size)", "test error (%)", series, logx=True,
-                xticks=outcome.budget.batch_sizes,
-            )
-        )  # fmt: skip
-    reports.plot_panels(out / "family.png", panels, ncols=2)
+    panels = [
+        reports.Panel(
+            f"Test error, {title}", "images per process (batch size)", "test error (%)",
+            _errors(outcome, measure, lambda c: (float(c.batch), c.setting == "i.i.d.")), logx=True,
+            xticks=outcome.budget.batch_sizes,
+        )
+        for measure, title in (("test", "running (EMA) statistics"), ("test precise", "precise statistics"))
+    ]  # fmt: skip
+    non_iid, batch = non_iid_name(outcome.budget), outcome.budget.non_iid[0]
+    categories = (f"i.i.d., {batch}", f"{non_iid}, {batch}")
+    panels.append(
+        reports.Panel(
+            "Non-i.i.d. batches, running statistics", "batches", "test error (%)",
+            _errors(outcome, "test", lambda c: (float(c.setting == non_iid), c.batch == batch)), categories=categories,
+        )
+    )  # fmt: skip
+    reports.plot_panels(out / "family.png", panels, ncols=3)
     atomic_write_bytes(out / "report.md", reports.render_markdown(report_blocks(outcome)).encode())

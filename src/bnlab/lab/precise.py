@@ -19,7 +19,6 @@ recomputed when the run is retrained or the budget's analysis settings change.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from bnlab.config import BN_MODES, TrainConfig
 from bnlab.data import MNIST, load_mnist
 from bnlab.errors import UsageError
 from bnlab.fileio import atomic_write_bytes, read_json, write_json
+from bnlab.reports import median_range, median_text
 from bnlab.training import RunResult, load_model, obtain, resolve_device, run_dir, store
 from bnlab.training.scores import precise_copy, scores, training_split
 
@@ -77,11 +77,6 @@ def run_config(budget: Budget, bn: str, momentum: float, seed: int) -> TrainConf
     )  # fmt: skip
 
 
-def _stats(values: Sequence[float]) -> dict[str, float] | None:
-    """Median and range over seeds: the median resists the one chaotic seed that EMA statistics can give."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
-
-
 def _select(rows: Sequence[dict[str, Any]], **where: Any) -> dict[int, dict[str, Any]]:
     """The measurements matching ``where``, by seed."""
     return {r["seed"]: r for r in rows if all(r[k] == v for k, v in where.items())}
@@ -117,9 +112,9 @@ class PreciseResult:
                     precise = _select(self.rows, statistics="precise", samples=largest, **where)
                     row: dict[str, Any] = where | {"seeds": len(precise)}
                     for key in (f"{split}_accuracy" for split in SPLITS):
-                        row[f"{key}_ema"] = _stats([r[key] for r in ema.values()])
-                        row[f"{key}_precise"] = _stats([r[key] for r in precise.values()])
-                        row[f"{key}_gap"] = _stats([r[key] - ema[s][key] for s, r in precise.items()])
+                        row[f"{key}_ema"] = median_range([r[key] for r in ema.values()])
+                        row[f"{key}_precise"] = median_range([r[key] for r in precise.values()])
+                        row[f"{key}_gap"] = median_range([r[key] - ema[s][key] for s, r in precise.items()])
                     out.append(row)
         return out
 
@@ -133,10 +128,10 @@ class PreciseResult:
                 at = _select(self.rows, samples=n, **where)
                 row: dict[str, Any] = {"bn": bn, "samples": n, "seeds": len(at)}
                 for key in (f"{split}_accuracy" for split in SPLITS):
-                    row[f"{key}"] = _stats([r[key] for r in at.values()])
-                    row[f"{key}_short"] = _stats([best[s][key] - r[key] for s, r in at.items()])
-                row["seconds"] = _stats([r["recalibration_seconds"] for r in at.values()])
-                row["share_of_training"] = _stats(
+                    row[f"{key}"] = median_range([r[key] for r in at.values()])
+                    row[f"{key}_short"] = median_range([best[s][key] - r[key] for s, r in at.items()])
+                row["seconds"] = median_range([r["recalibration_seconds"] for r in at.values()])
+                row["share_of_training"] = median_range(
                     [r["recalibration_seconds"] / r["train_seconds"] for r in at.values()]
                 )
                 out.append(row)
@@ -163,8 +158,8 @@ class PreciseResult:
                 f"{LABELS[bn]}, decay {decay(momentum):g}, {length} batches: "
                 + (f"{enough['samples']:,} samples are enough ({_points(enough['validation_accuracy_short'])} points "
                    f"below {largest:,})" if enough else f"no count below {largest:,} meets the rule")
-                + (f"; recalibrating from {largest:,} took {_spread(rows[-1]['seconds'], '.1f')} s, "
-                   f"{_spread(rows[-1]['share_of_training'], '.1%')} of the training time." if rows else ".")
+                + (f"; recalibrating from {largest:,} took {median_text(rows[-1]['seconds'], '.1f')} s, "
+                   f"{median_text(rows[-1]['share_of_training'], '.1%')} of the training time." if rows else ".")
             )  # fmt: skip
         return out
 
@@ -186,14 +181,6 @@ class PreciseResult:
                 {"run_dir": str(r.run_dir), "status": r.status, "train_seconds": r.train_seconds} for r in self.runs
             ],
         }
-
-
-def _spread(stats: dict[str, float] | None, spec: str = ".4f") -> str:
-    """Median (min-max) over seeds: '0.9650 (0.9599-0.9706)'; one value alone when they agree."""
-    if stats is None:
-        return "-"
-    median, low, high = (format(stats[k], spec) for k in ("median", "min", "max"))
-    return median if low == high else f"{median} ({low}-{high})"
 
 
 def _points(stats: dict[str, float] | None) -> str:
@@ -326,7 +313,7 @@ def report_blocks(outcome: PreciseResult) -> list[reports.Block]:
         ("BN", "decay", "batches", "seeds", *(f"{s} {k}" for s in ("val", "test") for k in ("EMA", "precise", "gap"))),
         tuple(
             (LABELS[r["bn"]], f"{r['decay']:g}", str(r["batches"]), str(r["seeds"]),
-             *(f(r[f"{s}_accuracy_{k}"]) for s in SPLITS for k, f in (("ema", _spread), ("precise", _spread),
+             *(f(r[f"{s}_accuracy_{k}"]) for s in SPLITS for k, f in (("ema", median_text), ("precise", median_text),
                                                                        ("gap", _points))))
             for r in outcome.decay_rows()
         ),
@@ -334,9 +321,10 @@ def report_blocks(outcome: PreciseResult) -> list[reports.Block]:
     sample_table = reports.Table(
         ("BN", "samples", "val precise", "val short", "test precise", "test short", "recalibration s", "of training"),
         tuple(
-            (LABELS[r["bn"]], f"{r['samples']:,}", _spread(r["validation_accuracy"]),
-             _points(r["validation_accuracy_short"]), _spread(r["test_accuracy"]), _points(r["test_accuracy_short"]),
-             _spread(r["seconds"], ".2f"), _spread(r["share_of_training"], ".1%"))
+            (LABELS[r["bn"]], f"{r['samples']:,}", median_text(r["validation_accuracy"]),
+             _points(r["validation_accuracy_short"]), median_text(r["test_accuracy"]),
+             _points(r["test_accuracy_short"]),
+             median_text(r["seconds"], ".2f"), median_text(r["share_of_training"], ".1%"))
             for r in outcome.sample_rows()
         ),
     )  # fmt: skip

@@ -9,11 +9,13 @@ renorm.py      batch renormalization: BatchRenorm1d/2d/3d
 ghost.py       ghost batch norm (virtual batches): GhostBatchNorm1d/2d/3d
 frozen.py      frozen batch norm (fixed statistics and affine): FrozenBatchNorm1d/2d/3d
 convert.py     swap a model's BN layers: PyTorch's <-> bnlab's, and to any of the family or GroupNorm
+fold.py        fold eval-mode BN into the conv or linear layer before it (deployment)
 recurrent.py   recurrent batch norm: SequenceBatchNorm (statistics per time step), BNLSTMCell, BNLSTM
 """
 
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, is_batch_norm
 from bnlab.nn.convert import convert
+from bnlab.nn.fold import FoldResult, fold
 from bnlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from bnlab.nn.functional import batch_norm
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
@@ -30,6 +32,7 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "FoldResult",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
@@ -39,6 +42,7 @@ __all__ = [
     "SequenceBatchNorm",
     "batch_norm",
     "convert",
+    "fold",
     "is_batch_norm",
     "naive_batch_norm",
 ]

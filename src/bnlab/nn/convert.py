@@ -75,7 +75,7 @@ from bnlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNor
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
-__all__ = ["FAMILIES", "TARGETS", "convert", "group_count"]
+__all__ = ["FAMILIES", "FUSES_RELU", "TARGETS", "convert", "group_count"]
 
 FAMILIES: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
     "manual": (norm.BatchNorm1d, norm.BatchNorm2d, norm.BatchNorm3d),
@@ -92,7 +92,7 @@ _OPTIONS = {
     "group": ("num_groups",),
 }
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_FUSES_RELU = ("manual", "renorm", "ghost")  # the kinds with a fused_relu option
+FUSES_RELU = ("manual", "renorm", "ghost")  # the kinds with a fused_relu option
 MAX_GROUPS = 32  # Wu & He's default
 
 
@@ -150,7 +150,7 @@ def _convert(model: nn.Module, to: str, sources: tuple[str, ...], options: dict[
         _plan_children(model, "", to, sources, options, {}, notes, plan)
         fused: dict[nn.Module, tuple[str, list[str]]] = {}
         for parent, prefix, name, old, new in plan:
-            if new is not old and to not in _FUSES_RELU and getattr(old, "fused_relu", False):
+            if new is not old and to not in FUSES_RELU and getattr(old, "fused_relu", False):
                 _check_relu_parent(parent, prefix + name)
                 fused.setdefault(parent, (prefix, []))[1].append(name)
         for parent, _, name, old, new in plan:

@@ -65,17 +65,24 @@ class NotebookCadence(Hook):
         self.line(f"Batch: {batch:>2}: {label} loss: {loss:>3.5f}, {label} accuracy: {accuracy:>3.5f}")
 
 
+Scorer = Callable[[LoopState, Split], tuple[float, float]]  # (loss, accuracy) of the state's module on a split
+
+
 class IntervalCadence(Hook):
     """The lab's evaluations: before the first step, every ``eval_every`` steps, and after the last.
 
     Validation on the first ``eval_size`` images; with ``train_eval_size`` also the first training
     images; with ``dead_units`` (ReLU networks) the fraction of hidden units silent on every
     validation image. A non-finite validation loss (weights overflowed between two loss checks)
-    ends the run as diverged.
+    ends the run as diverged. ``scorer`` gives the scores (default: ``evaluate`` on the state's module;
+    a stack's members share one pass, ``stack.StackScores``); the dead units are always the module's own.
     """
 
-    def __init__(self, config: TrainConfig, validation: Split, train: Split, recorder: Recorder) -> None:
+    def __init__(
+        self, config: TrainConfig, validation: Split, train: Split, recorder: Recorder, scorer: Scorer | None = None
+    ) -> None:
         self.config, self.recorder = config, recorder
+        self.score = scorer or (lambda state, split: evaluate(state.module, split, config.loss))
         self.validation = validation.head(config.eval_size)
         self.train = train.head(config.train_eval_size) if config.train_eval_size else None
         self.dead_units = config.dead_units and config.activation == "relu"
@@ -90,16 +97,19 @@ class IntervalCadence(Hook):
 
     def measure(self, state: LoopState) -> None:
         model, loss = state.module, self.config.loss
-        peaks = UnitPeaks(model.hidden_blocks() if self.dead_units else [])
-        with peaks:
-            val_loss, val_accuracy = evaluate(model, self.validation, loss)
+        if self.dead_units:
+            peaks = UnitPeaks(model.hidden_blocks())
+            with peaks:
+                val_loss, val_accuracy = evaluate(model, self.validation, loss)
+        else:
+            val_loss, val_accuracy = self.score(state, self.validation)
         if not math.isfinite(val_loss):
             state.stop, state.message = "diverged", f"validation loss became {val_loss} at batch {state.step}"
             return
         extra = {"dead_relu": peaks.dead_fraction()} if self.dead_units else {}
         self.recorder.evaluation(state, state.step, "validation", val_loss, val_accuracy, **extra)
         if self.train is not None:
-            self.recorder.evaluation(state, state.step, "train", *evaluate(model, self.train, loss))
+            self.recorder.evaluation(state, state.step, "train", *self.score(state, self.train))
 
 
 class Checkpoints(Hook):

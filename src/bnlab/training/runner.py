@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from bnlab.errors import TrainingDiverged, UsageError
 from bnlab.models import build_network
 from bnlab.training import store
 from bnlab.training.distributed import ShardedBatches, World, synchronize
-from bnlab.training.hooks import Checkpoints, IntervalCadence, NotebookCadence, Progress, Recorder
+from bnlab.training.hooks import Checkpoints, IntervalCadence, NotebookCadence, Progress, Recorder, Scorer
 from bnlab.training.loop import Hook, LoopState, fit, fit_stack, make_optimizer
 from bnlab.training.result import RunResult
 from bnlab.training.scores import final_scores, training_split
@@ -128,7 +129,7 @@ def train_stack(
     ``train`` records it; a member resumes from its last checkpoint. ``fast=False`` trains through the
     tensor-op batch norm (the kernels' speed-ups off; the stack itself is the same).
     """
-    from bnlab.training.stack import NetworkStack, StackOptimizer, stackable, structure
+    from bnlab.training.stack import NetworkStack, StackOptimizer, StackScores, stackable, structure
 
     configs = list(configs)
     if not configs or any(not stackable(c) or structure(c) != structure(configs[0]) for c in configs):
@@ -157,9 +158,10 @@ def train_stack(
                 _write_config(run, result.config, device, fast, None, stack=len(configs))
             if len({state.step for state in states}) > 1:
                 raise UsageError("the members of a stack must resume from the same step; resume them one by one")
+            scores = StackScores(stack, first.loss)  # one pass scores every member at an evaluation
             member_hooks = [
-                _hooks(c, data, stream, run, result, log, False, checkpoints)[0]
-                for c, stream, (run, _, result) in zip(configs, batches, kept, strict=True)
+                _hooks(c, data, stream, run, result, log, False, checkpoints, partial(scores.member, m))[0]
+                for m, (c, stream, (run, _, result)) in enumerate(zip(configs, batches, kept, strict=True))
             ]
             log(f"training {len(configs)} runs of one structure as one stack")
             fit_stack(stack, optimizer, states, batches, steps=first.batches, loss=first.loss, hooks=member_hooks)
@@ -252,8 +254,10 @@ def _hooks(
     log: Callable[[str], None],
     progress: bool | None,
     checkpoints: bool,
+    scorer: Scorer | None = None,
 ) -> tuple[list[Hook], Callable[[str], None], Progress]:
-    """The hooks of ``config``'s cadence, the log printing around the progress bar, and the bar."""
+    """The hooks of ``config``'s cadence (the interval one scoring with ``scorer``), the log printing around the
+    progress bar, and the bar."""
     notebook = config.cadence == "notebook"
     recorder = Recorder(run, result, steps=notebook)
     bar = Progress(config.batches, progress)
@@ -261,7 +265,7 @@ def _hooks(
     cadence = (
         NotebookCadence(config, data.validation, recorder, line)
         if notebook
-        else IntervalCadence(config, data.validation, batches.split, recorder)
+        else IntervalCadence(config, data.validation, batches.split, recorder, scorer)
     )
     hooks: list[Hook] = [recorder, cadence, bar]
     if run is not None and checkpoints:

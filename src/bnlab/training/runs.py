@@ -22,6 +22,9 @@ under its lock, so a user's own files and a concurrent writer are never touched.
 
 from __future__ import annotations
 
+import signal
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,23 +33,32 @@ from typing import Any
 import torch
 
 from bnlab.config import TrainConfig, check_int
-from bnlab.data import MNIST, load_mnist
-from bnlab.errors import CheckpointError, UsageError
+from bnlab.data import MNIST, fetch_mnist, load_mnist
+from bnlab.errors import BnlabError, CheckpointError, Interrupted, UsageError
 from bnlab.training import store
-from bnlab.training.distributed import from_env, launch
+from bnlab.training.distributed import INTERRUPTED, PEER_FAILED, WorkerFailed, from_env, launch, peer_failure
 from bnlab.training.pool import run_in_workers
 from bnlab.training.result import RunResult
 from bnlab.training.runner import train, train_stack
 from bnlab.training.stack import stack_pays, structure
 from bnlab.training.work import step_flops
 
-__all__ = ["POLICIES", "load_run", "obtain", "obtain_many", "run_dir"]
+__all__ = ["POLICIES", "QUIET", "load_run", "obtain", "obtain_many", "run_dir"]
 
 POLICIES = ("reuse", "fresh")
 # How many runs a stack holds (benchmarks/stack_speed.py): vmap's fixed cost per step makes a stack of a few
 # runs slower than the runs one by one (at one thread, the paper's MLP: 0.33-0.75x for 1-4 runs), and from
 # about 8 runs a member-step costs less than a run's step alone (1.1-1.6x faster at 16-32 runs).
 MIN_STACK, MAX_STACK = 8, 32
+
+
+def silent(_line: str) -> None:
+    """A lab's runs log nothing (a module-level function: worker processes are handed it)."""
+
+
+# what a lab passes for its runs: no log, no bar, no checkpoints (its evaluations are the record), a diverged
+# run a result
+QUIET = {"log": silent, "progress": False, "checkpoints": False, "raise_on_divergence": False}
 
 
 def run_dir(root: str | Path, config: TrainConfig, device: torch.device | str, nproc: int = 1) -> Path:
@@ -78,8 +90,10 @@ def obtain(
     (its status says so), never an exception: the same whether it was trained now or is reused.
 
     ``nproc`` > 1: data-parallel training in that many processes of this machine (``distributed.launch``;
-    synchronized BN, the global batch ``config.batch_size`` split between them), each loading MNIST from
-    ``data_dir`` (``data`` is not sent to them); its own run directory (``run_dir``), rank 0 writing it.
+    synchronized BN, the global batch ``config.batch_size`` split between them), on ``data`` (handed to them
+    in a temporary file) or MNIST from ``data_dir``; its own run directory (``run_dir``), rank 0 writing it.
+    A worker that fails ends the job (its peers stopped) with a ``BnlabError`` naming it, the run recorded as
+    failed; an interrupt is recorded by rank 0 as a lone process records it, then raised.
     """
     check_policy(policy)
     device = torch.device(device)
@@ -91,24 +105,68 @@ def obtain(
         if previous is not None:
             return previous, "reused"
         resume = resumable(path, config)
-    if nproc > 1:
-        options = {**options, "raise_on_divergence": False}
-        launch(nproc, train_in_world, config.to_dict(), str(path), resume, str(device), data_dir, options)
-        return _finished_run(path, config), "resumed" if resume else "trained"
-    [result] = train_item(Item((config,), resume), data, root, device, options)
-    return result, "resumed" if resume else "trained"
+    how = "resumed" if resume else "trained"
+    if nproc == 1:
+        [result] = train_item(Item((config,), resume), data, root, device, options)
+        return result, how
+    options = {**options, "raise_on_divergence": False}
+    with tempfile.TemporaryDirectory(prefix="bnlab-data-") as folder:
+        data_file = None
+        if data is None:
+            fetch_mnist(data_dir)  # once here: workers downloading it side by side would race
+        else:
+            data_file = str(Path(folder) / "data.pt")
+            torch.save(data.to("cpu"), data_file)
+        try:
+            status = launch(
+                nproc, train_in_world, config.to_dict(), str(path), resume, str(device), data_file,
+                None if data_dir is None else str(data_dir), options,
+            )  # fmt: skip
+        except WorkerFailed as err:
+            store.record_end(path, "failed", f"{err}; the job stopped")
+            raise
+    if status != 0:  # rank 0 failed, after saying why on stderr and in the run's summary
+        said = store.read_summary(path).get("message", "") if (path / store.SUMMARY).is_file() else ""
+        raise BnlabError(f"{path}: the run in {nproc} processes failed (rank 0{': ' + said if said else ''})")
+    return _finished_run(path, config), how
 
 
 def train_in_world(
-    config: dict[str, Any], path: str, resume: bool, device: str, data_dir: str | None, options: dict[str, Any]
+    config: dict[str, Any],
+    path: str,
+    resume: bool,
+    device: str,
+    data_file: str | None,
+    data_dir: str | None,
+    options: dict[str, Any],
 ) -> int:
-    """One process of ``obtain(nproc=N)``'s data-parallel run (``launch``'s entry): join the group and train."""
+    """One process of ``obtain(nproc=N)``'s data-parallel run (``launch``'s entry): join the group and train.
+
+    Its exit status tells ``launch`` how it ended: 0; ``INTERRUPTED`` (Ctrl-C or SIGTERM, which rank 0 records
+    in the run as a lone process does); ``PEER_FAILED`` when another process's failure broke a collective
+    (that process names the cause); 1 for its own error, said in one line on stderr.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt)
     where = torch.device(device)
-    world = from_env(where)
-    train(
-        TrainConfig.from_dict(config), run_dir=path, resume=resume, replace=not resume, data_dir=data_dir,
-        device=where, world=world, **options,
-    )  # fmt: skip
+    try:
+        world = from_env(where)
+        data = None if data_file is None else torch.load(data_file, weights_only=False)
+        train(
+            TrainConfig.from_dict(config), data, run_dir=path, resume=resume, replace=not resume,
+            data_dir=data_dir, device=where, world=world, **options,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        return INTERRUPTED
+    except Exception as err:
+        if peer_failure(err) is not None:
+            return PEER_FAILED
+        print(f"bnlab: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -42,8 +43,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from bnlab.config import BN_MODES, TrainConfig
+from bnlab.data import Split
+from bnlab.training.evaluate import loss_fn
 
-__all__ = ["NetworkStack", "StackOptimizer", "stack_pays", "stackable", "structure"]
+__all__ = ["NetworkStack", "StackOptimizer", "StackScores", "stack_pays", "stackable", "structure"]
 
 STACKED_OPTIMIZERS = ("sgd", "adam")
 ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}  # the notebook's, as bnlab.training.loop.make_optimizer
@@ -115,6 +118,7 @@ class NetworkStack:
                 owner, _, attribute = name.rpartition(".")
                 module.get_submodule(owner)._buffers[attribute] = value[m]
         self._forward = vmap(self._one, in_dims=(0, 0, 0), randomness="error")
+        self._shared = vmap(self._one, in_dims=(0, 0, None), randomness="error")
 
     def __len__(self) -> int:
         return len(self.members)
@@ -132,10 +136,10 @@ class NetworkStack:
             member.train(mode)
         return self
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """x (M, B, ...): member m's batch at x[m] -> its outputs at [m]."""
+    def __call__(self, x: Tensor, shared: bool = False) -> Tensor:
+        """x (M, B, ...): member m's batch at x[m] -> its outputs at [m]; ``shared``: x (B, ...), every member's."""
         params = {n: p.transpose(1, 2) if n in self.transposed else p for n, p in self.params.items()}
-        return self._forward(params, self.buffers, x)
+        return (self._shared if shared else self._forward)(params, self.buffers, x)
 
     def parameters(self) -> list[Tensor]:
         return list(self.params.values())
@@ -149,6 +153,46 @@ class NetworkStack:
     def restore(self, m: int, saved: dict[str, Tensor]) -> None:
         for name, t in [*self.params.items(), *self.buffers.items()]:
             t[m].copy_(saved[name])
+
+
+class StackScores:
+    """Every member's (loss, accuracy) on a split in one pass of the stack, for the members' evaluations.
+
+    At an evaluation step all the members still training ask for the same split: the first request scores
+    every member (``evaluate``'s eval mode, chunks and sums, the images shared), the others read their
+    member's scores. Only the latest step's are kept. Equal to ``evaluate`` on each member's module to float
+    rounding (batched matmuls), as the stack's training is to each run alone.
+    """
+
+    def __init__(self, stack: NetworkStack, loss: str, chunk: int = 256) -> None:
+        self.stack, self.loss, self.chunk = stack, loss, chunk
+        self._key: tuple[int, int, int] | None = None
+        self._scores: list[tuple[float, float]] = []
+
+    def member(self, m: int, state: Any, split: Split) -> tuple[float, float]:
+        """Member m's scores at ``state.step`` (``hooks.Scorer``'s form, with the member first)."""
+        key = (state.step, id(split.images), len(split))
+        if key != self._key:
+            self._scores, self._key = self.score(split), key
+        return self._scores[m]
+
+    def score(self, split: Split) -> list[tuple[float, float]]:
+        was_training = self.stack.template.training
+        self.stack.train(False)
+        try:
+            with torch.inference_mode():
+                total = torch.zeros(len(self.stack), device=split.labels.device)
+                correct = torch.zeros(len(self.stack), device=split.labels.device, dtype=torch.long)
+                for start in range(0, len(split), self.chunk):
+                    images, labels = split.images[start : start + self.chunk], split.labels[start : start + self.chunk]
+                    logits = self.stack(images, shared=True)  # (M, B, classes)
+                    losses = vmap(partial(loss_fn, self.loss), in_dims=(0, None))(logits, labels)
+                    total += losses * labels.shape[0]
+                    correct += (logits.argmax(2) == labels).sum(1)
+        finally:
+            self.stack.train(was_training)
+        n = len(split)
+        return [(loss / n, hits / n) for loss, hits in zip(total.tolist(), correct.tolist(), strict=True)]
 
 
 class StackOptimizer:

@@ -414,6 +414,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> C
         model = build_network(config)
     except UsageError as err:
         raise CheckpointError(f"{path}: {err}") from None
+    if payload.get("folded"):  # written by `bnlab fold`: batch norm folded into the layers before it
+        from bnlab.nn.fold import folded_layout
+
+        try:
+            folded_layout(model, payload["folded"])
+        except (AttributeError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: its folded layers do not match a {config.model}: {err}") from None
     expected = model.state_dict()
     state = payload["state_dict"]
     missing = [k for k in expected if k not in state]

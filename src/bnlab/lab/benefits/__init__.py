@@ -47,12 +47,12 @@ from bnlab.lab.benefits.arms import PLAIN, WITH_BN, Lab
 from bnlab.lab.benefits.budgets import BUDGETS, Budget
 from bnlab.lab.benefits.evidence import ClaimResult, Experiment
 from bnlab.lab.benefits.report import BenefitsResult, report_blocks, write_report
-from bnlab.lab.benefits.runs import QUIET, Pair, compare
+from bnlab.lab.benefits.runs import Pair, compare
 from bnlab.lab.benefits.verdicts import VERDICTS, Comparison, verdict
 from bnlab.lab.step_cost import StepCost, interleaved_costs
 from bnlab.training import RunResult, resolve_device
 from bnlab.training.pool import usable_cores
-from bnlab.training.runs import obtain_many
+from bnlab.training.runs import QUIET, obtain_many
 from bnlab.training.work import matmul_peak
 
 __all__ = [

@@ -17,13 +17,7 @@ from bnlab.config import BN_MODES, TrainConfig, check_choice
 from bnlab.data import MNIST, load_mnist
 from bnlab.lab.curves import curve
 from bnlab.training import RunResult, resolve_device, train
-
-
-def silent(_line: str) -> None:
-    """The lab's runs log nothing (a module-level function: worker processes are handed it)."""
-
-
-QUIET = {"log": silent, "progress": False, "checkpoints": False, "raise_on_divergence": False}
+from bnlab.training.runs import QUIET
 
 
 @dataclass
