@@ -193,6 +193,16 @@ def test_a_producer_whose_forward_is_not_its_weights_map_is_caught_by_the_check(
     assert_same(result.model(x), model(x))
 
 
+def test_batch_norm_after_an_in_place_relu_is_left():
+    """ReLU(inplace=True) returns the conv's own output tensor: the BN reads the conv's output object, but the
+    ReLU read it first, so the fold is refused (folding would move the BN before the ReLU)."""
+    model = with_statistics(nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(3))).eval()
+    x = torch.randn(2, 1, 7, 7)
+    result = fold(model, x)
+    assert result.folded == [] and "also read by 1" in dict(result.left)["2"]
+    assert torch.equal(result.model(x), model(x))
+
+
 def test_a_training_mode_model_is_refused():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     with pytest.raises(UsageError, match=r"eval-mode model.*model.eval\(\)"):

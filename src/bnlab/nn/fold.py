@@ -5,9 +5,9 @@
 In eval mode a batch-norm layer is an affine map per channel, y = x * s + t with s = weight / sqrt(running_var
 + eps) and t = bias - running_mean * s. When x is the output of a convolution or linear layer and nothing
 else reads it, the map moves into that layer: its weight scaled by s along the output channels, its bias
-b -> b * s + t (a bias is added where it had none). The BN layer becomes ``nn.Identity`` (``nn.ReLU`` for a
-bnlab layer with ``fused_relu``). The arithmetic is done in float64 and stored in the layer's dtype, so the
-copy's outputs equal the original's to float rounding.
+b -> b * s + t (a bias is added where it had none). The BN layer becomes ``nn.Identity`` (an in-place
+``nn.ReLU`` for a bnlab layer with ``fused_relu``). The arithmetic is done in float64 and stored in the
+layer's dtype, so the copy's outputs equal the original's to float rounding.
 
 How pairs are found, honestly for any model (FX cannot trace data-dependent control flow, and module
 registration order says nothing about data flow): one forward pass of the copy on ``example`` with every
@@ -178,8 +178,9 @@ def folded_layout(model: nn.Module, pairs: Sequence[Sequence[str]]) -> nn.Module
 
 
 def _replacement(norm: nn.Module) -> nn.Module:
-    """What a folded BN layer leaves: the ReLU bnlab's layer applied in its own pass, or nothing."""
-    return nn.ReLU() if getattr(norm, "fused_relu", False) else nn.Identity()
+    """What a folded BN layer leaves: the ReLU bnlab's layer applied in its own pass (in place: the tensor it
+    gets, the producer's output, has no other reader, or the layer would not have folded), or nothing."""
+    return nn.ReLU(inplace=True) if getattr(norm, "fused_relu", False) else nn.Identity()
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -33,7 +33,7 @@ _FLOP_FREE = {
     for name in (
         "seed", "bn_momentum", "dropout", "optimizer", "lr", "momentum", "clip", "batches", "seconds", "train_size",
         "eval_every", "log_every", "eval_size", "train_eval_size", "dead_units", "one_at_a_time",
-        "precise_samples", "checkpoint_every", "snapshots",
+        "precise_samples", "checkpoint_every", "snapshots", "renorm_warmup", "classes_per_batch",
     )
 }  # fmt: skip
 
